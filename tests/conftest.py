@@ -1,0 +1,74 @@
+"""Fixtures shared by the tests: the test bed's kernels and captured scenarios.
+
+VM tests are marked ``vm``. Under ``CI=true`` a missing prerequisite of a VM test (QEMU, a kernel that
+cannot be fetched) fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-fixtures"))
+
+from vmfixtures import download, truth  # noqa: E402
+from vmfixtures.scenarios import SCENARIOS  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+GENERATIONS = list(download.GENERATIONS)
+
+
+def missing_prerequisite(reason: str) -> None:
+    """Fail under CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"missing VM prerequisite in CI: {reason}")
+    pytest.skip(reason)
+
+
+_kernels: dict[str, download.Kernel] = {}
+_apt_ready: list[download.PrivateApt] = []
+
+
+def get_kernel(generation: str) -> download.Kernel:
+    if generation not in _kernels:
+        if not shutil.which("qemu-system-x86_64"):
+            missing_prerequisite("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+        try:
+            if not _apt_ready:
+                _apt_ready.append(download.prepare_apt())
+            _kernels[generation] = download.fetch_kernel(generation, _apt_ready[0], update=False)
+        except Exception as error:  # noqa: BLE001 - any failure to fetch is a missing prerequisite
+            cached = download.load_kernel(generation)
+            if cached is None:
+                missing_prerequisite(f"kernel {generation} unavailable: {error}")
+                raise
+            _kernels[generation] = cached
+    return _kernels[generation]
+
+
+@pytest.fixture(scope="session")
+def kernel_of() -> Callable[[str], download.Kernel]:
+    return get_kernel
+
+
+@pytest.fixture(scope="session")
+def captured() -> Callable[[str, str], truth.Capture]:
+    """captured(generation, scenario) -> the scenario's capture on that generation's kernel."""
+
+    def get(generation: str, scenario: str) -> truth.Capture:
+        kernel = get_kernel(generation)
+        reason = SCENARIOS[scenario].unsupported(kernel)
+        if reason:
+            pytest.skip(f"{scenario} on {kernel.release}: {reason}")
+        return truth.capture(kernel, scenario)
+
+    return get
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: needs QEMU and the test bed's kernels")

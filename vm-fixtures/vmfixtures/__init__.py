@@ -1,0 +1,1 @@
+"""kmeminspect's test bed: real Debian kernels in QEMU (TCG), scenarios, dumps and ground truth."""

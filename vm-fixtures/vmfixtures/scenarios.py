@@ -1,0 +1,316 @@
+"""Named, reproducible memory states of a test guest.
+
+Each scenario says how to start the guest (memory layout, kernel command line, QEMU devices) and how to
+bring it, once booted, into its state. Every scenario sets ``memhp_default_state=`` explicitly: 6.1
+leaves hotplugged memory offline by default, Debian's 6.12 onlines it into ZONE_NORMAL by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from .download import Kernel
+from .vm import Guest, GuestError, Memory
+
+MiB = 1 << 20
+
+#: the DIMM hotplugged by the DIMM scenarios: QEMU id and size
+DIMM_ID = "dimm0"
+DIMM_SIZE = 512 * MiB
+
+
+class ScenarioUnsupported(Exception):
+    """The kernel cannot reach this state; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    setup: Callable[[Guest], None]
+    cmdline: tuple[str, ...] = ("memhp_default_state=offline",)
+    memory: Memory = Memory()
+    qemu_args: tuple[str, ...] = ()
+    #: return a reason when ``kernel`` cannot reach the state, else None
+    unsupported: Callable[[Kernel], str | None] = lambda kernel: None
+
+    def guest(self, kernel: Kernel, workdir: "object | None" = None) -> Guest:
+        reason = self.unsupported(kernel)
+        if reason:
+            raise ScenarioUnsupported(f"{self.name} on {kernel.release}: {reason}")
+        from pathlib import Path
+
+        return Guest(
+            kernel,
+            cmdline=list(self.cmdline),
+            qemu_args=list(self.qemu_args),
+            memory=self.memory,
+            workdir=Path(str(workdir)) if workdir else None,
+        )
+
+
+# -- helpers run in the guest ----------------------------------------------------------------------
+
+BLOCK_LIST = (
+    "for d in /sys/devices/system/memory/memory*; do echo ${d##*memory} $(cat $d/state); done | sort -n"
+)
+
+
+def memory_blocks(guest: Guest) -> dict[int, str]:
+    """Block number -> state, as sysfs says."""
+    blocks = {}
+    for line in guest.run(BLOCK_LIST).text.splitlines():
+        nr, state = line.split()
+        blocks[int(nr)] = state
+    return blocks
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise GuestError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def add_dimm(guest: Guest, size: int = DIMM_SIZE, dimm_id: str = DIMM_ID) -> list[int]:
+    """Hotplug a pc-dimm over QMP; return the memory block numbers the guest created for it."""
+    before = set(memory_blocks(guest))
+    guest.execute("object-add", **{"qom-type": "memory-backend-ram", "id": f"{dimm_id}-mem", "size": size})
+    guest.execute("device_add", driver="pc-dimm", id=dimm_id, memdev=f"{dimm_id}-mem")
+    block_size = int(guest.run("cat /sys/devices/system/memory/block_size_bytes").text, 16)
+    expected = size // block_size
+    new: list[int] = []
+
+    def arrived() -> bool:
+        nonlocal new
+        new = sorted(set(memory_blocks(guest)) - before)
+        return len(new) == expected
+
+    wait_for(f"{expected} memory blocks of {dimm_id}", arrived)
+    return new
+
+
+def set_block_state(guest: Guest, block: int, state: str) -> None:
+    guest.run(f"echo {state} > /sys/devices/system/memory/memory{block}/state")
+
+
+def remove_dimm(guest: Guest, blocks: list[int], dimm_id: str = DIMM_ID) -> None:
+    assert guest.qmp is not None
+    guest.execute("device_del", id=dimm_id)
+    guest.qmp.wait_event("DEVICE_DELETED", timeout=60)
+
+    def gone() -> bool:
+        return not set(blocks) & set(memory_blocks(guest))
+
+    wait_for(f"blocks {blocks} to disappear", gone)
+
+
+# -- scenarios --------------------------------------------------------------------------------------
+
+
+def _boot(guest: Guest) -> None:
+    pass
+
+
+def _dimm_offline(guest: Guest) -> None:
+    blocks = add_dimm(guest)
+    states = memory_blocks(guest)
+    if any(states[b] != "offline" for b in blocks):
+        raise GuestError(f"hotplugged blocks not offline: {[(b, states[b]) for b in blocks]}")
+
+
+def _dimm_online(guest: Guest) -> None:
+    blocks = add_dimm(guest)
+    set_block_state(guest, blocks[0], "online_kernel")
+    for block in blocks[1:]:
+        set_block_state(guest, block, "online_movable")
+
+
+def _dimm_removed(guest: Guest) -> None:
+    blocks = add_dimm(guest)
+    for block in blocks:
+        set_block_state(guest, block, "online_movable")
+    for block in blocks:
+        set_block_state(guest, block, "offline")
+    remove_dimm(guest, blocks)
+
+
+def _memmap_on_memory(guest: Guest) -> None:
+    block_size = int(guest.run("cat /sys/devices/system/memory/block_size_bytes").text, 16)
+    # 6.1 places the memmap on the memory only when one hot-add is exactly one memory block
+    blocks = add_dimm(guest, size=block_size)
+    set_block_state(guest, blocks[0], "online_movable")
+
+
+VIRTIO_MEM_ID = "vmem0"
+VIRTIO_MEM_MAX = 1024 * MiB
+VIRTIO_MEM_PLUGGED = 320 * MiB  # not a multiple of the 128 MiB memory block
+VIRTIO_MEM_SHRUNK = 200 * MiB
+
+
+def _virtio_mem_size(guest: Guest) -> int:
+    return int(guest.execute("qom-get", path=f"/machine/peripheral/{VIRTIO_MEM_ID}", property="size"))
+
+
+def _resize_virtio_mem(guest: Guest, size: int, timeout: float = 90.0) -> None:
+    guest.execute(
+        "qom-set", path=f"/machine/peripheral/{VIRTIO_MEM_ID}", property="requested-size", value=size
+    )
+    wait_for(f"virtio-mem to reach {size >> 20} MiB", lambda: _virtio_mem_size(guest) == size, timeout)
+
+
+def _virtio_mem_partial(guest: Guest) -> None:
+    guest.run("loadmod virtio_mem")
+    _resize_virtio_mem(guest, VIRTIO_MEM_PLUGGED)
+    _resize_virtio_mem(guest, VIRTIO_MEM_SHRUNK)
+
+
+#: the legacy (e820 type 12) pmem ranges of the pmem scenarios
+PMEM_START = 1024 * MiB
+PMEM_SIZE = 512 * MiB
+COLLISION_START = 1026 * MiB  # 2 MiB aligned, not 128 MiB aligned: section 8 holds RAM and pmem
+COLLISION_SIZE = 254 * MiB
+
+
+def _pmem_modules(guest: Guest) -> None:
+    guest.run("for m in nd_e820 nd_pmem dax_pmem device_dax; do loadmod $m; done")
+    wait_for("namespace0.0", lambda: guest.run("test -e /sys/bus/nd/devices/namespace0.0", check=False).returncode == 0)
+
+
+def _pmem_fsdax(guest: Guest) -> None:
+    _pmem_modules(guest)
+    guest.run("ndctl create-namespace -f -e namespace0.0 --mode=fsdax --map=dev")
+
+
+def _pmem_devdax(guest: Guest) -> None:
+    _pmem_modules(guest)
+    guest.run("ndctl create-namespace -f -e namespace0.0 --mode=devdax --map=mem --align=2M")
+
+
+def _pmem_collision(guest: Guest) -> None:
+    _pmem_modules(guest)
+    # the region's default alignment (16 MiB) refuses a range that is only 2 MiB aligned
+    guest.run("echo 2097152 > /sys/bus/nd/devices/region0/align")
+    guest.run("ndctl create-namespace -f -e namespace0.0 --mode=fsdax --map=mem --align=2M")
+
+
+def _dax_kmem(guest: Guest) -> None:
+    _pmem_modules(guest)
+    guest.run("ndctl create-namespace -f -e namespace0.0 --mode=devdax --map=mem --align=2M")
+    before = set(memory_blocks(guest))
+    guest.run(
+        "loadmod kmem\n"
+        "echo dax0.0 > /sys/bus/dax/drivers/device_dax/unbind\n"
+        "echo dax0.0 > /sys/bus/dax/drivers/kmem/new_id\n"
+    )
+    new: list[int] = []
+
+    def arrived() -> bool:
+        nonlocal new
+        new = sorted(set(memory_blocks(guest)) - before)
+        return bool(new)
+
+    wait_for("kmem memory blocks", arrived)
+    for block in new:
+        set_block_state(guest, block, "online_movable")
+
+
+def _hugetlb_hvo(guest: Guest) -> None:
+    total = guest.run("grep HugePages_Total /proc/meminfo").text.split()[1]
+    if int(total) != HUGETLB_PAGES:
+        raise GuestError(f"expected {HUGETLB_PAGES} huge pages, have {total}")
+
+
+HUGETLB_PAGES = 64
+
+_DIMM_MEMORY = Memory(boot_mb=1024, slots=4, maxmem_mb=4096)
+_PMEM_MEMORY = Memory(boot_mb=2048, slots=2, maxmem_mb=4096)
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario("boot", "a freshly booted guest, nothing hotplugged", _boot, memory=_DIMM_MEMORY),
+        Scenario(
+            "dimm-offline",
+            "a 512 MiB DIMM hotplugged over QMP, its blocks left offline",
+            _dimm_offline,
+            memory=_DIMM_MEMORY,
+        ),
+        Scenario(
+            "dimm-online",
+            "a 512 MiB DIMM: first block online_kernel, the others online_movable",
+            _dimm_online,
+            memory=_DIMM_MEMORY,
+        ),
+        Scenario(
+            "dimm-removed",
+            "a 512 MiB DIMM onlined movable, offlined and device_del'd",
+            _dimm_removed,
+            memory=_DIMM_MEMORY,
+        ),
+        Scenario(
+            "memmap-on-memory",
+            "a one-block DIMM with memory_hotplug.memmap_on_memory=1, online_movable",
+            _memmap_on_memory,
+            cmdline=("memhp_default_state=offline", "memory_hotplug.memmap_on_memory=1"),
+            memory=_DIMM_MEMORY,
+        ),
+        Scenario(
+            "virtio-mem-partial",
+            "virtio-mem plugged to 320 MiB (not a block multiple), then shrunk to 200 MiB",
+            _virtio_mem_partial,
+            cmdline=("memhp_default_state=online_movable",),
+            memory=_DIMM_MEMORY,
+            qemu_args=(
+                "-object", f"memory-backend-ram,id={VIRTIO_MEM_ID}-mem,size={VIRTIO_MEM_MAX}",
+                "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,requested-size=0",
+            ),
+        ),  # fmt: skip
+        Scenario(
+            "pmem-fsdax",
+            "legacy memmap= pmem as an fsdax namespace with its memmap on the device (altmap)",
+            _pmem_fsdax,
+            cmdline=("memhp_default_state=offline", f"memmap={PMEM_SIZE >> 20}M!{PMEM_START >> 20}M"),
+            memory=_PMEM_MEMORY,
+        ),
+        Scenario(
+            "pmem-devdax",
+            "legacy memmap= pmem as a devdax namespace, memmap in RAM, 2 MiB compound pages",
+            _pmem_devdax,
+            cmdline=("memhp_default_state=offline", f"memmap={PMEM_SIZE >> 20}M!{PMEM_START >> 20}M"),
+            memory=_PMEM_MEMORY,
+        ),
+        Scenario(
+            "pmem-collision",
+            "pmem 2 MiB- but not 128 MiB-aligned: one section holds System RAM and ZONE_DEVICE",
+            _pmem_collision,
+            cmdline=(
+                "memhp_default_state=offline",
+                f"memmap={COLLISION_SIZE >> 20}M!{COLLISION_START >> 20}M",
+            ),
+            memory=_PMEM_MEMORY,
+        ),
+        Scenario(
+            "dax-kmem",
+            "a devdax namespace handed to the kmem driver and onlined movable as System RAM",
+            _dax_kmem,
+            cmdline=("memhp_default_state=offline", f"memmap={PMEM_SIZE >> 20}M!{PMEM_START >> 20}M"),
+            memory=_PMEM_MEMORY,
+        ),
+        Scenario(
+            "hugetlb-hvo",
+            f"{HUGETLB_PAGES} 2 MiB hugetlb pages with hugetlb_free_vmemmap=on",
+            _hugetlb_hvo,
+            cmdline=(
+                "memhp_default_state=offline",
+                "hugetlb_free_vmemmap=on",
+                "hugepagesz=2M",
+                f"hugepages={HUGETLB_PAGES}",
+            ),
+            memory=_DIMM_MEMORY,
+        ),
+    ]
+}

@@ -1,0 +1,204 @@
+"""Capture a scenario: vmcores and, at the same moment, the kernel's own answers (ground truth).
+
+A capture directory holds::
+
+    truth.json        release, cmdline, memory blocks, zones, iomem, kpageflags oracle, ...
+    kpageflags.gz     /proc/kpageflags as read in the guest (little-endian u64 per pfn), gzip
+    vmcore.elf        QEMU dump-guest-memory, ELF (holes punched: zero pages take no disk)
+    vmcore.kdump      QEMU dump-guest-memory, flattened kdump-zlib
+    console.log       the guest's serial console
+
+Captures are cached under ``$KMEMINSPECT_CACHE/captures/<release>/<scenario>`` and reused while the
+kernel version and the test bed's code are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .cache import cache_dir, locked, log
+from .download import Kernel
+from .scenarios import SCENARIOS
+from .vm import Guest
+
+#: /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h: a stable user-space ABI)
+KPF_NOPAGE = 20
+KPF_OFFLINE = 23
+KPF_HUGE = 17
+KPF_BUDDY = 10
+
+FORMAT_VERSION = 1
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for path in sorted(here.glob("*.py")) + sorted((here / "guest").iterdir()):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Capture:
+    """A scenario captured on one kernel: its truth and its dumps."""
+
+    directory: Path
+    truth: dict[str, Any]
+
+    @property
+    def elf(self) -> Path:
+        return self.directory / "vmcore.elf"
+
+    @property
+    def kdump(self) -> Path:
+        return self.directory / "vmcore.kdump"
+
+    def kpageflags(self) -> bytes:
+        return gzip.decompress((self.directory / "kpageflags.gz").read_bytes())
+
+
+def parse_iomem(text: str) -> list[dict[str, Any]]:
+    entries = []
+    for line in text.splitlines():
+        m = re.match(r"^(\s*)([0-9a-f]+)-([0-9a-f]+) : (.*)$", line)
+        if m:
+            entries.append(
+                {
+                    "depth": len(m.group(1)) // 2,
+                    "start": int(m.group(2), 16),
+                    "end": int(m.group(3), 16) + 1,
+                    "name": m.group(4),
+                }
+            )
+    return entries
+
+
+def parse_zoneinfo(text: str) -> list[dict[str, Any]]:
+    zones: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        m = re.match(r"^Node (\d+), zone\s+(\S+)", line)
+        if m:
+            zones.append({"node": int(m.group(1)), "zone": m.group(2)})
+            continue
+        m = re.match(r"^\s+(spanned|present|managed|start_pfn:)\s+(\d+)", line)
+        if m and zones:
+            zones[-1][m.group(1).rstrip(":")] = int(m.group(2))
+    return zones
+
+
+def runs_of(mask: "list[bool] | Any") -> list[list[int]]:
+    """[start, end) pfn ranges where mask is true."""
+    import numpy as np
+
+    m = np.asarray(mask, dtype=bool)
+    if m.size == 0:
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], m.view(np.int8), [0]))))
+    return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
+
+
+BLOCKS_SCRIPT = r"""
+cd /sys/devices/system/memory
+for d in memory*; do
+    node=$(ls -d $d/node* 2>/dev/null | head -1)
+    echo "${d#memory} $(cat $d/phys_index) $(cat $d/state) ${node##*node} $(cat $d/valid_zones 2>/dev/null | tr ' ' ,)"
+done
+"""
+
+
+def collect_truth(guest: Guest) -> tuple[dict[str, Any], bytes]:
+    """The kernel's own view, read inside the guest, and the raw /proc/kpageflags."""
+    import numpy as np
+
+    def read(cmd: str) -> str:
+        return guest.run(cmd).text
+
+    truth: dict[str, Any] = {"format": FORMAT_VERSION}
+    truth["release"] = read("uname -r").strip()
+    truth["cmdline"] = read("cat /proc/cmdline").strip()
+    truth["block_size"] = int(read("cat /sys/devices/system/memory/block_size_bytes"), 16)
+    blocks = []
+    for line in read(BLOCKS_SCRIPT).splitlines():
+        fields = line.split()
+        blocks.append(
+            {
+                "id": int(fields[0]),
+                "phys_index": int(fields[1], 16),
+                "state": fields[2],
+                "node": int(fields[3]) if fields[3].isdigit() else None,
+                "valid_zones": fields[4].split(",") if len(fields) > 4 else [],
+            }
+        )
+    truth["blocks"] = sorted(blocks, key=lambda b: b["id"])
+    truth["zoneinfo"] = parse_zoneinfo(read("cat /proc/zoneinfo"))
+    truth["iomem"] = parse_iomem(read("cat /proc/iomem"))
+    truth["meminfo"] = {
+        k.strip(): v.strip() for k, _, v in (line.partition(":") for line in read("cat /proc/meminfo").splitlines())
+    }
+    # From 7.2 on a NULL from pfn_to_online_page() reads as 0 instead of KPF_NOPAGE: the read path was
+    # reworked into kpage_read() (kpageflags_read still exists, as a tail call): detect it by that symbol.
+    kallsyms = read("grep -E ' (kpageflags_read|kpage_read)' /proc/kallsyms || true")
+    truth["kpageflags_symbols"] = sorted({line.split()[2] for line in kallsyms.splitlines() if line.strip()})
+    nopage_oracle = not any(s.startswith("kpage_read") for s in truth["kpageflags_symbols"])
+    raw = guest.run("dd if=/proc/kpageflags bs=65536 2>/dev/null | gzip -1", timeout=300).stdout
+    flags = np.frombuffer(gzip.decompress(raw), dtype="<u8")
+    truth["kpageflags_pfns"] = int(flags.size)
+    truth["pfn_to_online_page_oracle"] = "kpageflags-nopage" if nopage_oracle else None
+    if nopage_oracle:
+        truth["online_pfn_ranges"] = runs_of((flags >> KPF_NOPAGE) & 1 == 0)
+    truth["offline_page_ranges"] = runs_of((flags >> KPF_OFFLINE) & 1 == 1)
+    truth["huge_pfns"] = int(((flags >> KPF_HUGE) & 1).sum())
+    return truth, raw
+
+
+def capture(kernel: Kernel, scenario_name: str, dumps: bool = True, refresh: bool = False) -> Capture:
+    """Bring a scenario up on kernel, record truth and dumps; reuse the cached capture if current."""
+    with locked(f"capture-{kernel.release}-{scenario_name}"):
+        return _capture(kernel, scenario_name, dumps, refresh)
+
+
+def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> Capture:
+    scenario = SCENARIOS[scenario_name]
+    directory = cache_dir() / "captures" / kernel.release / scenario_name
+    stamp = {"kernel_version": kernel.version, "fingerprint": _fingerprint(), "dumps": dumps}
+    stamp_path = directory / "stamp.json"
+    if not refresh and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return Capture(directory, json.loads((directory / "truth.json").read_text()))
+    if directory.exists():
+        shutil.rmtree(directory)
+    work = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log(f"capturing {scenario_name} on {kernel.release}")
+    guest = scenario.guest(kernel, workdir=work / "guest")
+    try:
+        guest.start()
+        scenario.setup(guest)
+        truth, kpageflags = collect_truth(guest)
+        truth["scenario"] = scenario_name
+        truth["generation"] = kernel.generation
+        truth["kernel_version"] = kernel.version
+        (work / "kpageflags.gz").write_bytes(kpageflags)
+        if dumps:
+            guest.dump(work / "vmcore.elf", "elf")
+            # zero pages need no disk: ELF dumps of a mostly idle guest are mostly zeros
+            subprocess.run(["fallocate", "--dig-holes", str(work / "vmcore.elf")], check=False)
+            guest.dump(work / "vmcore.kdump", "kdump-zlib")
+        (work / "truth.json").write_text(json.dumps(truth, indent=1))
+    finally:
+        guest.kill()
+        if guest.console_path.exists():
+            shutil.copy2(guest.console_path, work / "console.log")
+        shutil.rmtree(work / "guest", ignore_errors=True)
+    (work / "stamp.json").write_text(json.dumps(stamp))
+    work.rename(directory)
+    return Capture(directory, truth)
