@@ -1,0 +1,99 @@
+"""The only code that touches drgn: readers that turn a kernel's state into plain data (state.py)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from drgn import Program
+
+from ..errors import ReadError
+from ..state import MEMMAP_NONE, MEMMAP_READ, Snapshot, merge_runs, uniform_run
+from .blocks import read_blocks
+from .layout import read_layout
+from .memmap import MemmapReader
+from .pgmaps import read_pagemaps
+from .resources import read_resources
+from .sections import read_sections
+from .zones import read_nodes_and_zones
+
+Progress = Callable[[int, int], None]
+
+
+def check_flags_layout(snapshot: Snapshot) -> None:
+    """The node and zone fields of page->flags are macros: check the derived shifts against the zones.
+
+    Every populated zone must hold initialized pages whose decoded (node, zone) is its own.
+    """
+    runs = snapshot.runs
+    good = (runs["memmap"] == MEMMAP_READ) & (runs["zeroed"] == 0)
+    for zone in snapshot.zones:
+        if zone.present == 0 or zone.zone_id == snapshot.layout.zone_device:
+            continue
+        inside = good & (runs["pfn_end"] > zone.start_pfn) & (runs["pfn_start"] < zone.start_pfn + zone.spanned)
+        match = inside & (runs["zone_id"] == zone.zone_id) & (runs["nid"] == zone.nid)
+        if inside.any() and not match.any():
+            raise ReadError(
+                f"cannot decode node/zone from page->flags: no page of node {zone.nid} zone {zone.name} "
+                "decodes as such (unexpected page->flags layout)"
+            )
+
+
+def read_snapshot(
+    prog: Program,
+    source: dict[str, object],
+    progress: Progress | None = None,
+    pfn_range: tuple[int, int] | None = None,
+) -> Snapshot:
+    """Read everything: sections, blocks, page maps, zones and every struct page (as runs).
+
+    With ``pfn_range``, only the memmap of sections overlapping [start, end) is read; the others get
+    one "not read" run each (MEMMAP_NONE) and the layout cross-check is skipped.
+    """
+    layout, fmt = read_layout(prog)
+    sections = read_sections(prog, layout)
+    pagemaps = read_pagemaps(prog, layout)
+    nodes, zones = read_nodes_and_zones(prog)
+    blocks = read_blocks(prog, layout)
+    reader = MemmapReader(prog, layout, fmt, pagemaps)
+    parts = []
+    for i, section in enumerate(sections):
+        end = section.start_pfn + section.nr_pages
+        if pfn_range and (end <= pfn_range[0] or section.start_pfn >= pfn_range[1]):
+            parts.append(uniform_run(section.start_pfn, end, MEMMAP_NONE))
+        else:
+            parts.append(reader.section_runs(section))
+        if progress:
+            progress(i + 1, len(sections))
+    snapshot = Snapshot(
+        source=dict(source, time=time.time()),
+        layout=layout,
+        sections=sections,
+        blocks=blocks,
+        pagemaps=pagemaps,
+        zones=zones,
+        nodes=nodes,
+        resources=read_resources(prog),
+        runs=merge_runs(parts),
+    )
+    if pfn_range is None:
+        check_flags_layout(snapshot)
+    return snapshot
+
+
+def terminal_progress(label: str) -> Progress | None:
+    """A progress callback on stderr when it is a terminal and the walk takes over a second."""
+    if not sys.stderr.isatty():
+        return None
+    start = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        if time.monotonic() - start > 1.0:
+            end = "\n" if done == total else ""
+            print(f"\r{label}: {done}/{total} sections", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+__all__ = ["read_snapshot", "check_flags_layout", "terminal_progress"]

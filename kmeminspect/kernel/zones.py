@@ -1,0 +1,41 @@
+"""Read nodes and zones (``struct pglist_data``, ``struct zone``)."""
+
+from __future__ import annotations
+
+from drgn import Program
+from drgn.helpers.linux.mmzone import for_each_online_pgdat
+
+from ..state import Node, Zone
+
+ULONG_MAX = (1 << 64) - 1
+
+
+def read_nodes_and_zones(prog: Program) -> tuple[list[Node], list[Zone]]:
+    nodes, zones = [], []
+    for pgdat in for_each_online_pgdat(prog):
+        nid = pgdat.node_id.value_()
+        deferred = None
+        if pgdat.type_.type.has_member("first_deferred_pfn"):
+            value = pgdat.first_deferred_pfn.value_()
+            deferred = None if value == ULONG_MAX else value
+        nodes.append(
+            Node(
+                nid=nid,
+                start_pfn=pgdat.node_start_pfn.value_(),
+                spanned=pgdat.node_spanned_pages.value_(),
+                first_deferred_pfn=deferred,
+            )
+        )
+        for zone_id in range(len(pgdat.node_zones)):
+            zone = pgdat.node_zones[zone_id]
+            zones.append(
+                Zone(
+                    nid=nid,
+                    zone_id=zone_id,
+                    name=zone.name.string_().decode(),
+                    start_pfn=zone.zone_start_pfn.value_(),
+                    spanned=zone.spanned_pages.value_(),
+                    present=zone.present_pages.value_(),
+                )
+            )
+    return nodes, zones

@@ -1,0 +1,238 @@
+"""The kernel's pfn predicates and the 2019 ``pfn_active()`` proposal, over pfn ranges of a snapshot.
+
+Pure Python and numpy; no drgn. A snapshot's page-state runs are refined into *segments*: maximal pfn
+ranges over which the section, the subsection bit, the page state, the pagemap registry, the altmap
+part, the memory block, the zone span and deferred init are all constant. Every predicate is then one
+value per segment, so a terabyte is thousands of segments, never billions of pfns.
+
+The kernel's predicates, as each generation implements them (x86_64, SPARSEMEM_VMEMMAP):
+
+``pfn_valid``            section has a memmap (SECTION_HAS_MEM_MAP) and (early section or subsection
+                         bit set) — include/linux/mmzone.h.
+``pfn_section_valid``    the pfn's subsection bit is set (v5.3 f46edbd1b151).
+``online_section``       SECTION_IS_ONLINE (v4.13 2d070eab2e82).
+``online_device_section``  SECTION_IS_ONLINE and SECTION_TAINT_ZONE_DEVICE (v5.12 1f90a3477df3).
+``pfn_to_online_page``   online_section and pfn_section_valid; and, in an online device section, no
+                         pgmap in the registry for the pfn (get_dev_pagemap()) — mm/memory_hotplug.c,
+                         identical in 6.1, 6.12 and 7.x ("taint-pgmap"). Without CONFIG_MEMORY_HOTPLUG
+                         it is pfn_valid ("pfn_valid").
+
+The proposal (David Hildenbrand, linux-mm, 2019; never merged):
+
+``pfn_active``           the pfn's memmap is initialized and sane (see :func:`evaluate`).
+``pfn_to_device_page``   pfn_active and zone == ZONE_DEVICE.
+``proposed_online``      pfn_active and zone != ZONE_DEVICE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .state import MEMMAP_READ, RUN_FIELDS, Snapshot
+
+#: why a pfn is not active (bit values of the ``inactive`` column); 0 means active
+INACTIVE_CAUSES = {
+    1 << 0: "no-memmap",  # pfn_valid() is false
+    1 << 1: "memmap-unreadable",  # unmapped vmemmap, or the page is missing from the dump
+    1 << 2: "zeroed",  # an all-zero struct page: never initialized (Debian: DEBUG_VM off)
+    1 << 3: "poisoned",  # page->flags all ones: PAGE_POISON_PATTERN, never initialized
+    1 << 4: "zone-out-of-range",  # zone id >= MAX_NR_ZONES
+    1 << 5: "outside-zone-span",  # the page's (node, zone) does not span the pfn
+    1 << 6: "section-offline",  # RAM whose section is not online: memmap not (or no longer) initialized
+    1 << 7: "altmap-reserve",  # device pfns before the altmap's free part: memmap never initialized
+    1 << 8: "device-not-initialized",  # pgmap registered, memmap not (yet) a ZONE_DEVICE page
+    1 << 9: "deferred",  # past first_deferred_pfn while deferred struct page init runs
+    1 << 10: "device-zone-without-pgmap",  # ZONE_DEVICE page where no pgmap is registered
+}
+CAUSE_BITS = {name: bit for bit, name in INACTIVE_CAUSES.items()}
+
+ALTMAP_NONE, ALTMAP_RESERVE, ALTMAP_FREE = 0, 1, 2
+
+SEGMENT_FIELDS = RUN_FIELDS + [
+    ("section_nr", "<i8"),  # -1: no present section
+    ("section_flags", "<u8"),  # the raw flag bits of section_mem_map
+    ("subsection_valid", "u1"),
+    ("registry_pgmap", "<u8"),  # the pgmap get_dev_pagemap() finds for the pfn, 0 if none
+    ("altmap_part", "u1"),  # ALTMAP_*
+    ("block", "<i8"),  # memory block id, -1 if none
+    ("in_zone_span", "u1"),  # the page's (nid, zone_id) spans the pfn
+    ("deferred", "u1"),
+    # results
+    ("pfn_valid", "u1"),
+    ("online_section", "u1"),
+    ("online_device_section", "u1"),
+    ("pfn_to_online_page", "u1"),
+    ("inactive", "<u4"),  # INACTIVE_CAUSES bits; 0 == pfn_active
+    ("pfn_active", "u1"),
+    ("pfn_to_device_page", "u1"),
+    ("proposed_online", "u1"),
+]
+SEGMENT_DTYPE = np.dtype(SEGMENT_FIELDS)
+
+
+def _boundaries(snapshot: Snapshot) -> np.ndarray:
+    """Every pfn where some input of the model may change."""
+    layout = snapshot.layout
+    points: list[int] = []
+    runs = snapshot.runs
+    points.extend(runs["pfn_start"].tolist())
+    points.extend(runs["pfn_end"].tolist())
+    per = layout.pages_per_subsection
+    for s in snapshot.sections:
+        points.extend((s.start_pfn, s.start_pfn + s.nr_pages))
+        bits = s.subsection_map
+        changes = bits ^ (bits << 1)
+        for i in range(1, layout.subsections_per_section):
+            if (changes >> i) & 1:
+                points.append(s.start_pfn + i * per)
+    for p in snapshot.pagemaps:
+        for start, end in p.ranges:
+            points.extend((start, end))
+        if p.altmap:
+            a = p.altmap
+            points.extend((a.base_pfn, a.base_pfn + a.reserve, a.base_pfn + a.reserve + a.free))
+    for b in snapshot.blocks:
+        points.extend((b.start_pfn, b.start_pfn + b.nr_pages))
+    for z in snapshot.zones:
+        if z.spanned:
+            points.extend((z.start_pfn, z.start_pfn + z.spanned))
+    for n in snapshot.nodes:
+        if n.first_deferred_pfn is not None:
+            points.append(n.first_deferred_pfn)
+            points.append(n.start_pfn + n.spanned)
+    return np.unique(np.array(points, dtype=np.uint64))
+
+
+def segments(snapshot: Snapshot, start: int | None = None, end: int | None = None) -> np.ndarray:
+    """The snapshot's runs refined into model segments and evaluated, optionally clipped to [start, end)."""
+    layout = snapshot.layout
+    runs = snapshot.runs
+    cuts = _boundaries(snapshot)
+    lo = int(runs["pfn_start"][0]) if runs.size else 0
+    hi = int(runs["pfn_end"][-1]) if runs.size else 0
+    if start is not None:
+        lo = max(lo, start)
+        cuts = np.append(cuts, np.uint64(start))
+    if end is not None:
+        hi = min(hi, end)
+        cuts = np.append(cuts, np.uint64(end))
+    cuts = np.unique(cuts)
+    cuts = cuts[(cuts >= lo) & (cuts <= hi)]
+    if cuts.size < 2:
+        return np.zeros(0, dtype=SEGMENT_DTYPE)
+    seg = np.zeros(cuts.size - 1, dtype=SEGMENT_DTYPE)
+    seg["pfn_start"] = cuts[:-1]
+    seg["pfn_end"] = cuts[1:]
+    starts = seg["pfn_start"]
+
+    # page state: the run containing each segment's start (runs are sorted, contiguous per section)
+    idx = np.searchsorted(runs["pfn_start"], starts, side="right") - 1
+    covered = (idx >= 0) & (starts < runs["pfn_end"][np.maximum(idx, 0)])
+    for name, _ in RUN_FIELDS[2:]:
+        seg[name] = np.where(covered, runs[name][np.maximum(idx, 0)], 0)
+    seg["zone_id"][~covered] = -1
+    seg["nid"][~covered] = -1
+
+    # sections and subsections
+    flags = layout.section_flags
+    seg["section_nr"] = -1
+    by_nr = {s.nr: s for s in snapshot.sections}
+    section_nr = (starts >> np.uint64(layout.section_size_bits - layout.page_shift)).astype(np.int64)
+    sub_index = ((starts % np.uint64(layout.pages_per_section)) // np.uint64(layout.pages_per_subsection)).astype(
+        np.int64
+    )
+    for i, nr in enumerate(section_nr.tolist()):
+        s = by_nr.get(nr)
+        if s is None:
+            continue
+        seg["section_nr"][i] = nr
+        seg["section_flags"][i] = s.section_mem_map & ~flags["SECTION_MAP_MASK"] & 0xFFFFFFFFFFFFFFFF
+        seg["subsection_valid"][i] = (s.subsection_map >> int(sub_index[i])) & 1
+    sf = seg["section_flags"]
+    has_map = (sf & np.uint64(flags["SECTION_HAS_MEM_MAP"])) != 0
+    early = (sf & np.uint64(flags.get("SECTION_IS_EARLY", 0))) != 0
+    online = (sf & np.uint64(flags.get("SECTION_IS_ONLINE", 0))) != 0
+    taint_mask = flags.get("SECTION_TAINT_ZONE_DEVICE", 0)
+    tainted = (sf & np.uint64(taint_mask)) != 0 if taint_mask else np.zeros(seg.size, dtype=bool)
+    sub_valid = seg["subsection_valid"] == 1
+
+    # the pgmap registry (get_dev_pagemap) and altmap parts
+    for p in snapshot.pagemaps:
+        for a, b in p.ranges:
+            inside = (starts >= a) & (starts < b)
+            seg["registry_pgmap"][inside] = p.address
+        if p.altmap:
+            base, reserve, free = p.altmap.base_pfn, p.altmap.reserve, p.altmap.free
+            seg["altmap_part"][(starts >= base) & (starts < base + reserve)] = ALTMAP_RESERVE
+            seg["altmap_part"][(starts >= base + reserve) & (starts < base + reserve + free)] = ALTMAP_FREE
+
+    seg["block"] = -1
+    for b in snapshot.blocks:
+        seg["block"][(starts >= b.start_pfn) & (starts < b.start_pfn + b.nr_pages)] = b.id
+
+    spans = {(z.nid, z.zone_id): (z.start_pfn, z.start_pfn + z.spanned) for z in snapshot.zones}
+    for (nid, zone_id), (a, b) in spans.items():
+        match = (seg["nid"] == nid) & (seg["zone_id"] == zone_id) & (starts >= a) & (seg["pfn_end"] <= b)
+        seg["in_zone_span"][match] = 1
+    for n in snapshot.nodes:
+        if n.first_deferred_pfn is not None:
+            seg["deferred"][(starts >= n.first_deferred_pfn) & (starts < n.start_pfn + n.spanned)] = 1
+
+    # the kernel's predicates
+    pfn_valid = has_map & (early | sub_valid)
+    seg["pfn_valid"] = pfn_valid
+    seg["online_section"] = online
+    seg["online_device_section"] = online & tainted
+    if layout.pfn_to_online_page == "pfn_valid":
+        p2op = pfn_valid
+    elif layout.pfn_to_online_page == "online-section":
+        p2op = online & sub_valid
+    else:  # "taint-pgmap"
+        p2op = online & sub_valid & ~(online & tainted & (seg["registry_pgmap"] != 0))
+    seg["pfn_to_online_page"] = p2op
+
+    # the proposal: is the memmap initialized and sane?
+    zone_device = layout.zone_device if layout.zone_device is not None else -2
+    max_zones = len(layout.zone_names)
+    device_pfn = seg["registry_pgmap"] != 0
+    read = seg["memmap"] == MEMMAP_READ
+    zone_id = seg["zone_id"]
+    inactive = np.zeros(seg.size, dtype=np.uint32)
+
+    def cause(name: str, mask: np.ndarray) -> None:
+        inactive[mask] |= np.uint32(CAUSE_BITS[name])
+
+    cause("no-memmap", ~pfn_valid)
+    cause("memmap-unreadable", pfn_valid & ~read)
+    cause("zeroed", read & (seg["zeroed"] == 1))
+    cause("poisoned", read & (seg["poisoned"] == 1))
+    sane_content = read & (seg["zeroed"] == 0) & (seg["poisoned"] == 0)
+    cause("zone-out-of-range", sane_content & ((zone_id < 0) | (zone_id >= max_zones)))
+    in_range = sane_content & (zone_id >= 0) & (zone_id < max_zones)
+    # ZONE_DEVICE spans are tracked loosely by the kernel (never shrunk): check RAM zones only
+    cause("outside-zone-span", in_range & (zone_id != zone_device) & (seg["in_zone_span"] == 0))
+    cause("section-offline", pfn_valid & ~device_pfn & ~online)
+    cause("altmap-reserve", device_pfn & (seg["altmap_part"] == ALTMAP_RESERVE))
+    cause(
+        "device-not-initialized",
+        device_pfn & (seg["altmap_part"] != ALTMAP_RESERVE) & sane_content & (zone_id != zone_device),
+    )
+    cause("device-zone-without-pgmap", in_range & ~device_pfn & (zone_id == zone_device))
+    cause("deferred", seg["deferred"] == 1)
+    seg["inactive"] = inactive
+    active = inactive == 0
+    seg["pfn_active"] = active
+    seg["pfn_to_device_page"] = active & (zone_id == zone_device)
+    seg["proposed_online"] = active & (zone_id != zone_device)
+    return seg
+
+
+def causes(bits: int) -> list[str]:
+    """Names of the INACTIVE_CAUSES set in bits."""
+    return [name for bit, name in INACTIVE_CAUSES.items() if bits & bit]
+
+
+def per_pfn(seg: np.ndarray, field: str) -> np.ndarray:
+    """Expand one segment column to one value per pfn (for tests and small ranges only)."""
+    lengths = (seg["pfn_end"] - seg["pfn_start"]).astype(np.int64)
+    return np.repeat(seg[field], lengths)

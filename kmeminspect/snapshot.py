@@ -1,0 +1,166 @@
+"""Snapshot files: versioned, gzip-compressed JSON; page state as runs. Load without drgn.
+
+Format (``format`` = 1)::
+
+    {"format": 1, "kind": "kmeminspect-snapshot", "source": {...}, "layout": {...},
+     "sections": [...], "blocks": [...], "pagemaps": [...], "zones": [...], "nodes": [...],
+     "resources": [...], "runs": {"<field>": [values...], ...}}
+
+``runs`` is stored by column (see state.RUN_FIELDS), so a terabyte machine's thousands of runs take
+kilobytes. Never pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+from .state import (
+    RUN_DTYPE,
+    RUN_FIELDS,
+    STATE_FIELDS,
+    Altmap,
+    Block,
+    Layout,
+    Node,
+    Pagemap,
+    Resource,
+    Section,
+    Snapshot,
+    Zone,
+)
+
+FORMAT = 1
+KIND = "kmeminspect-snapshot"
+
+
+def to_json(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "kind": KIND,
+        "source": snapshot.source,
+        "layout": dataclasses.asdict(snapshot.layout),
+        "sections": [dataclasses.asdict(s) for s in snapshot.sections],
+        "blocks": [dataclasses.asdict(b) for b in snapshot.blocks],
+        "pagemaps": [dataclasses.asdict(p) for p in snapshot.pagemaps],
+        "zones": [dataclasses.asdict(z) for z in snapshot.zones],
+        "nodes": [dataclasses.asdict(n) for n in snapshot.nodes],
+        "resources": [dataclasses.asdict(r) for r in snapshot.resources],
+        "runs": {name: snapshot.runs[name].tolist() for name, _ in RUN_FIELDS},
+    }
+
+
+def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
+    if data.get("kind") != KIND:
+        raise UsageError(f"{origin}: not a kmeminspect snapshot")
+    if data.get("format") != FORMAT:
+        raise UsageError(
+            f"{origin}: snapshot format {data.get('format')} is not supported (this kmeminspect reads {FORMAT})"
+        )
+    layout = dict(data["layout"])
+    layout["zone_names"] = tuple(layout["zone_names"])
+    n = len(data["runs"]["pfn_start"])
+    runs = np.zeros(n, dtype=RUN_DTYPE)
+    for name, _ in RUN_FIELDS:
+        runs[name] = data["runs"][name]
+    pagemaps = []
+    for p in data["pagemaps"]:
+        pagemaps.append(
+            Pagemap(
+                address=p["address"],
+                type=p["type"],
+                ranges=tuple(tuple(r) for r in p["ranges"]),  # type: ignore[misc]
+                altmap=Altmap(**p["altmap"]) if p["altmap"] else None,
+                vmemmap_shift=p["vmemmap_shift"],
+            )
+        )
+    return Snapshot(
+        source=data["source"],
+        layout=Layout(**layout),
+        sections=[Section(**{**s, "flags": tuple(s["flags"])}) for s in data["sections"]],
+        blocks=[Block(**b) for b in data["blocks"]],
+        pagemaps=pagemaps,
+        zones=[Zone(**z) for z in data["zones"]],
+        nodes=[Node(**x) for x in data["nodes"]],
+        resources=[Resource(**r) for r in data["resources"]],
+        runs=runs,
+    )
+
+
+def save(snapshot: Snapshot, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt") as f:
+        json.dump(to_json(snapshot), f, separators=(",", ":"))
+    tmp.replace(path)
+
+
+def load(path: Path) -> Snapshot:
+    try:
+        with gzip.open(path, "rt") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError, EOFError) as error:
+        raise UsageError(f"{path}: not a kmeminspect snapshot ({error})") from None
+    return from_json(data, str(path))
+
+
+def diff(a: Snapshot, b: Snapshot) -> dict[str, Any]:
+    """What changed from a to b: sections, blocks, pagemaps, and pfn ranges whose page state differs."""
+    sa = {s.nr: s for s in a.sections}
+    sb = {s.nr: s for s in b.sections}
+    sections = []
+    for nr in sorted(set(sa) | set(sb)):
+        x, y = sa.get(nr), sb.get(nr)
+        if x is None or y is None:
+            sections.append({"nr": nr, "change": "added" if x is None else "removed"})
+        elif (x.flags, x.subsection_map) != (y.flags, y.subsection_map):
+            sections.append(
+                {
+                    "nr": nr,
+                    "change": "changed",
+                    "flags": [list(x.flags), list(y.flags)],
+                    "subsection_map": [hex(x.subsection_map), hex(y.subsection_map)],
+                }
+            )
+    ba = {blk.id: blk for blk in a.blocks}
+    bb = {blk.id: blk for blk in b.blocks}
+    blocks = []
+    for i in sorted(set(ba) | set(bb)):
+        x2, y2 = ba.get(i), bb.get(i)
+        if x2 is None or y2 is None:
+            blocks.append({"id": i, "change": "added" if x2 is None else "removed"})
+        elif (x2.state, x2.zone) != (y2.state, y2.zone):
+            blocks.append({"id": i, "change": "changed", "state": [x2.state, y2.state], "zone": [x2.zone, y2.zone]})
+    pa = {p.address: p for p in a.pagemaps}
+    pb = {p.address: p for p in b.pagemaps}
+    pagemaps = [{"address": hex(x), "change": "removed"} for x in pa.keys() - pb.keys()] + [
+        {"address": hex(x), "change": "added"} for x in pb.keys() - pa.keys()
+    ]
+    return {"sections": sections, "blocks": blocks, "pagemaps": pagemaps, "runs": _run_diff(a.runs, b.runs)}
+
+
+def _run_diff(a: np.ndarray, b: np.ndarray) -> list[dict[str, Any]]:
+    cuts = np.unique(np.concatenate([a["pfn_start"], a["pfn_end"], b["pfn_start"], b["pfn_end"]]))
+    out: list[dict[str, Any]] = []
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        ia = np.searchsorted(a["pfn_start"], lo, side="right") - 1
+        ib = np.searchsorted(b["pfn_start"], lo, side="right") - 1
+        ra = a[ia] if ia >= 0 and lo < a["pfn_end"][ia] else None
+        rb = b[ib] if ib >= 0 and lo < b["pfn_end"][ib] else None
+        before = {f: int(ra[f]) for f in STATE_FIELDS} if ra is not None else None
+        after = {f: int(rb[f]) for f in STATE_FIELDS} if rb is not None else None
+        if before == after:
+            continue
+        changed = sorted(k for k in STATE_FIELDS if (before or {}).get(k) != (after or {}).get(k))
+        if out and out[-1]["pfn_end"] == lo and out[-1]["before"] == before and out[-1]["after"] == after:
+            out[-1]["pfn_end"] = hi
+        else:
+            out.append({"pfn_start": lo, "pfn_end": hi, "fields": changed, "before": before, "after": after})
+    return out

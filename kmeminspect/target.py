@@ -1,0 +1,170 @@
+"""Open the kernel to inspect: the running kernel, a vmcore, or a live QEMU guest (QMP).
+
+Every failure becomes a :class:`TargetError` whose message says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import stat
+import struct
+from pathlib import Path
+
+import drgn
+
+from .errors import TargetError
+
+EM_X86_64 = 62
+X86_64 = drgn.Platform(
+    drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN
+)
+KDUMP_SIGNATURE = b"KDUMP   "
+FLATTENED_SIGNATURE = b"makedumpfile"
+
+
+def _check_vmcore_file(path: Path) -> str:
+    """Return the dump's format, or raise if it is not an x86_64 vmcore that drgn can read."""
+    if not path.exists():
+        raise TargetError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise TargetError(f"{path}: permission denied (run as root, or make the dump readable)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head.startswith(b"\x7fELF"):
+            if len(head) < 64 or head[4] != 2:
+                raise TargetError(f"{path}: not a 64-bit ELF vmcore")
+            e_type, e_machine = struct.unpack_from("<HH", head, 16)
+            if e_type != 4:  # ET_CORE
+                raise TargetError(f"{path}: an ELF file but not a core dump (is it the vmlinux?)")
+            if e_machine != EM_X86_64:
+                raise TargetError(f"{path}: a dump of machine type {e_machine}, not x86_64 (not supported)")
+            e_phoff = struct.unpack_from("<Q", head, 32)[0]
+            e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
+            f.seek(e_phoff)
+            table = f.read(e_phentsize * e_phnum)
+            if len(table) < e_phentsize * e_phnum:
+                raise TargetError(f"{path}: truncated ELF vmcore (program headers missing); copy it again")
+            end = 0
+            for i in range(e_phnum):
+                p_offset, _, _, p_filesz = struct.unpack_from("<QQQQ", table, i * e_phentsize + 8)
+                end = max(end, p_offset + p_filesz)
+            if end > size:
+                raise TargetError(
+                    f"{path}: truncated ELF vmcore ({size} bytes, its headers describe {end}); copy it again"
+                )
+            return "elf"
+        if head.startswith(KDUMP_SIGNATURE):
+            return "kdump"
+        if head.startswith(FLATTENED_SIGNATURE):
+            return "kdump-flattened"
+    raise TargetError(f"{path}: not a vmcore (neither ELF core nor kdump-compressed)")
+
+
+def _load_debug_info(prog: drgn.Program, vmlinux: Path | None, what: str) -> None:
+    """Load the kernel's debug info; fail with the expected build id when it is missing or wrong."""
+    if vmlinux is not None and not vmlinux.is_file():
+        raise TargetError(f"--vmlinux {vmlinux}: no such file")
+    try:
+        if vmlinux is not None:
+            # drgn checks the build id: a vmlinux of another build is ignored, not loaded
+            prog.load_debug_info([str(vmlinux)], default=False, main=True)
+        else:
+            prog.load_default_debug_info()
+    except drgn.MissingDebugInfoError:
+        pass
+    try:
+        main = prog.main_module()
+    except LookupError:
+        raise TargetError(f"{what}: cannot find the kernel image in it (no vmcoreinfo?)") from None
+    if not main.wants_debug_file():
+        return
+    want = f" (build id {main.build_id.hex()})" if main.build_id else ""
+    if vmlinux is not None:
+        raise TargetError(f"--vmlinux {vmlinux} does not match {what}{want}: pass that exact build's vmlinux")
+    raise TargetError(
+        f"no debug info for {what}, release {_release(prog)}{want}: install its -dbg package or pass --vmlinux"
+    )
+
+
+def _release(prog: drgn.Program) -> str:
+    try:
+        text = prog["VMCOREINFO"].string_()
+    except (KeyError, LookupError, drgn.FaultError):
+        return "unknown"
+    for line in text.splitlines():
+        if line.startswith(b"OSRELEASE="):
+            return line.split(b"=", 1)[1].decode()
+    return "unknown"
+
+
+def open_vmcore(path: Path, vmlinux: Path | None) -> drgn.Program:
+    fmt = _check_vmcore_file(path)
+    # QEMU's kdump header says machine "Unknown", so libkdumpfile cannot tell the architecture: the file
+    # checks above established x86_64 for ELF; kdump dumps are opened as x86_64 too (the only one supported).
+    prog = drgn.Program(X86_64) if fmt != "elf" else drgn.Program()
+    try:
+        prog.set_core_dump(str(path))
+    except OSError as error:
+        raise TargetError(f"{path}: cannot open vmcore: {error.strerror or error}") from None
+    except Exception as error:  # noqa: BLE001 - libkdumpfile raises plain Exception
+        raise TargetError(f"{path}: cannot open {fmt} vmcore: {error}") from None
+    if not (prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL):
+        raise TargetError(f"{path}: a core dump, but not of a Linux kernel (no vmcoreinfo)")
+    _load_debug_info(prog, vmlinux, f"the kernel in {path}")
+    return prog
+
+
+def open_live(vmlinux: Path | None) -> drgn.Program:
+    if platform.machine() != "x86_64":
+        raise TargetError(f"this machine is {platform.machine()}: kmeminspect reads x86_64 kernels only")
+    if os.geteuid() != 0:
+        raise TargetError("reading the running kernel needs root (/proc/kcore): run with sudo")
+    if not os.path.exists("/proc/kcore"):
+        raise TargetError("/proc/kcore is missing (CONFIG_PROC_KCORE=n): use --vmcore or --qemu instead")
+    prog = drgn.Program()
+    try:
+        prog.set_kernel()
+    except OSError as error:
+        raise TargetError(f"cannot open /proc/kcore: {error.strerror or error}") from None
+    _load_debug_info(prog, vmlinux, f"the running kernel ({platform.release()})")
+    return prog
+
+
+def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
+    if ":" not in address:
+        path = Path(address)
+        if not path.exists():
+            raise TargetError(f"--qemu {address}: no such socket (start QEMU with -qmp unix:{address},server=on,wait=off)")
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            raise TargetError(f"--qemu {address}: not a socket")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(address)
+                greeting = s.recv(4096)
+        except OSError as error:
+            raise TargetError(f"--qemu {address}: cannot connect: {error.strerror or error}") from None
+        if b'"QMP"' not in greeting:
+            raise TargetError(f"--qemu {address}: not a QEMU QMP socket")
+    prog = drgn.Program()
+    try:
+        prog.set_qemu_qmp(address)
+    except (OSError, ValueError) as error:
+        raise TargetError(f"--qemu {address}: cannot attach: {error}") from None
+    _load_debug_info(prog, vmlinux, f"the guest behind {address}")
+    return prog
+
+
+def open_target(kind: str, location: str | None, vmlinux: str | None) -> tuple[drgn.Program, dict[str, object]]:
+    """Open a target; return the program and a description of the source for snapshots."""
+    vmlinux_path = Path(vmlinux) if vmlinux else None
+    if kind == "vmcore":
+        assert location is not None
+        return open_vmcore(Path(location), vmlinux_path), {"kind": "vmcore", "path": location}
+    if kind == "qemu":
+        assert location is not None
+        return open_qemu(location, vmlinux_path), {"kind": "qemu", "path": location}
+    return open_live(vmlinux_path), {"kind": "live", "path": "/proc/kcore"}
