@@ -63,6 +63,13 @@ RULES = [
         "v5.12+ (1f90a3477df3)",
     ),
     Rule(
+        "online-memory-unreachable",
+        ERROR,
+        "initialized RAM in an online section for which pfn_to_online_page() returns NULL "
+        "(its subsection bit is clear), unless PG_reserved (a hole)",
+        "v5.12+ (9f9b02e5b346)",
+    ),
+    Rule(
         "section-inconsistent",
         ERROR,
         "section state contradicts itself: ONLINE without a memmap, memmap not at vmemmap, "
@@ -147,7 +154,10 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
     zone_device = layout.zone_device if layout.zone_device is not None else -2
 
     insane = np.uint32(
-        bits["zeroed"] | bits["poisoned"] | bits["zone-out-of-range"] | bits["memmap-unreadable"]
+        bits["zeroed"]
+        | bits["poisoned"]
+        | bits["zone-out-of-range"]
+        | bits["memmap-unreadable"]
         | bits["device-zone-without-pgmap"]
     )
     mask = p2op & ((inactive & insane) != 0) & (seg["deferred"] == 0)
@@ -160,7 +170,11 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
                 start,
                 end,
                 f"pfn_to_online_page() returns pages whose memmap is {', '.join(model.causes(cause_bits))}"
-                + (f" (zone id {zone_id}, MAX_NR_ZONES {len(layout.zone_names)})" if zone_id >= len(layout.zone_names) else ""),
+                + (
+                    f" (zone id {zone_id}, MAX_NR_ZONES {len(layout.zone_names)})"
+                    if zone_id >= len(layout.zone_names)
+                    else ""
+                ),
                 causes=model.causes(cause_bits),
                 zone_id=zone_id,
             )
@@ -204,6 +218,19 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
                 zone_id=zone_id,
                 registry_pgmap=hex(pgmap),
                 section_tainted=taint,
+            )
+        )
+
+    unreachable = (seg["proposed_online"] == 1) & ~p2op & (seg["online_section"] == 1) & (seg["reserved"] == 0)
+    for start, end, section_nr in _grouped(seg, unreachable, lambda r: int(r["section_nr"])):
+        findings.append(
+            _find(
+                "online-memory-unreachable",
+                start,
+                end,
+                f"initialized RAM of online section {section_nr} that pfn_to_online_page() does not return",
+                section=section_nr,
+                subsection_valid=False,
             )
         )
 
@@ -271,6 +298,27 @@ def _block_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
         nrs = range(b.start_pfn // per, (b.start_pfn + b.nr_pages) // per)
         sections = [by_nr[n] for n in nrs if n in by_nr]
         online = [s.nr for s in sections if s.has("SECTION_IS_ONLINE")]
+        if b.state == "online":
+            # hotplugged sections of an online block have every subsection not claimed by a pgmap
+            for s in sections:
+                if s.has("SECTION_IS_EARLY"):
+                    continue
+                missing = [i for i in range(snapshot.layout.subsections_per_section) if not (s.subsection_map >> i) & 1]
+                sub = snapshot.layout.pages_per_subsection
+                claimed = {
+                    i for i in missing for p in snapshot.pagemaps for a, z in p.ranges if a <= s.start_pfn + i * sub < z
+                }
+                holes = [i for i in missing if i not in claimed]
+                if holes:
+                    yield _find(
+                        "block-section-mismatch",
+                        s.start_pfn + holes[0] * sub,
+                        s.start_pfn + (holes[-1] + 1) * sub,
+                        f"block {b.id} is online but section {s.nr} has no memmap for subsections {holes}",
+                        block=b.id,
+                        section=s.nr,
+                        subsections=holes,
+                    )
         if b.state == "online" and len(online) != len(sections):
             offline = [s.nr for s in sections if s.nr not in online]
             yield _find(
@@ -324,12 +372,10 @@ def _withheld_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]
     starts = seg["pfn_start"]
     for a, b in managed:
         candidate &= ~((starts >= a) & (starts < b))
-    for b in snapshot.blocks:
-        if b.nr_vmemmap_pages:
-            candidate &= ~((starts >= b.start_pfn) & (starts < b.start_pfn + b.nr_vmemmap_pages))
-    for start, end, (reserved, offline) in _grouped(
-        seg, candidate, lambda r: (int(r["reserved"]), int(r["offline"]))
-    ):
+    for block in snapshot.blocks:
+        if block.nr_vmemmap_pages:
+            candidate &= ~((starts >= block.start_pfn) & (starts < block.start_pfn + block.nr_vmemmap_pages))
+    for start, end, (reserved, offline) in _grouped(seg, candidate, lambda r: (int(r["reserved"]), int(r["offline"]))):
         marks = [m for m, on in (("PG_reserved", reserved), ("PageOffline", offline)) if on]
         yield _find(
             "hotplugged-page-withheld",

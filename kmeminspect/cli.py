@@ -97,7 +97,8 @@ def _run(function: Callable[[], int | None]) -> None:
 
 
 def _section_nid(snapshot: Snapshot) -> dict[int, int | None]:
-    """A section's node: sections keep none after boot; take it from the first initialized page."""
+    """A section's node: sections keep none after boot; take it from the first initialized page,
+    else from its memory block."""
     runs = snapshot.runs
     per = snapshot.layout.pages_per_section
     result: dict[int, int | None] = {}
@@ -110,6 +111,8 @@ def _section_nid(snapshot: Snapshot) -> dict[int, int | None]:
             if r["nid"] >= 0 and r["zeroed"] == 0:
                 nid = int(r["nid"])
                 break
+        if nid is None:  # a zeroed (offline) memmap: the memory block records the node
+            nid = next((b.nid for b in snapshot.blocks if b.start_pfn <= s.start_pfn < b.start_pfn + b.nr_pages), None)
         result[s.nr] = nid
     return result
 
@@ -127,7 +130,7 @@ def sections(obj: Context) -> None:
         snap = obj.snapshot()
         nids = _section_nid(snap)
         mask = snap.layout.section_flags["SECTION_MAP_MASK"]
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "nr": s.nr,
                 "start_pfn": s.start_pfn,
@@ -143,23 +146,35 @@ def sections(obj: Context) -> None:
         ]
 
         def table() -> str:
-            return tabulate(
-                [
+            return (
+                tabulate(
                     [
-                        r["nr"],
-                        f"{int(r['section'], 16):x}",
-                        f"{int(r['coded_mem_map'], 16):x}",
-                        f"{int(r['mem_map'], 16):x}",
-                        _state_letters(tuple(r["flags"])),
-                        r["start_pfn"],
-                        f"{int(r['subsection_map'], 16):016x}",
-                        "-" if r["nid"] is None else r["nid"],
-                    ]
-                    for r in rows
-                ],
-                headers=["NR", "SECTION", "CODED_MEM_MAP", "MEM_MAP", "STATE", "PFN", "SUBSECTIONS", "NID"],
-                colalign=("right", "left", "left", "left", "left", "right", "left", "right"),
-            ) + "\nSTATE: P present, M has memmap, O online, E early, D tainted ZONE_DEVICE, V vmemmap preinit"
+                        [
+                            r["nr"],
+                            f"{int(r['section'], 16):x}",
+                            f"{int(r['coded_mem_map'], 16):x}",
+                            f"{int(r['mem_map'], 16):x}",
+                            _state_letters(tuple(r["flags"])),
+                            r["start_pfn"],
+                            f"{int(r['subsection_map'], 16):016x}",
+                            "-" if r["nid"] is None else r["nid"],
+                        ]
+                        for r in rows
+                    ],
+                    headers=[
+                        "NR",
+                        "SECTION",
+                        "CODED_MEM_MAP",
+                        "MEM_MAP",
+                        "STATE",
+                        "PFN",
+                        "SUBSECTIONS",
+                        "NID",
+                    ],
+                    colalign=("right", "left", "left", "left", "left", "right", "left", "right"),
+                )
+                + "\nSTATE: P present, M has memmap, O online, E early, D tainted ZONE_DEVICE, V vmemmap preinit"
+            )
 
         obj.emit({"sections": rows}, table)
 
@@ -239,7 +254,12 @@ def parse_pfns(text: str) -> tuple[int, int, bool]:
     return pfn, pfn + 1, False
 
 
-MARKS = [("reserved", "PG_reserved"), ("offline", "PageOffline"), ("self_hosted", "PG_vmemmap_self_hosted"), ("hwpoison", "PG_hwpoison")]
+MARKS = [
+    ("reserved", "PG_reserved"),
+    ("offline", "PageOffline"),
+    ("self_hosted", "PG_vmemmap_self_hosted"),
+    ("hwpoison", "PG_hwpoison"),
+]
 
 
 def describe(snap: Snapshot, row: np.void) -> dict[str, Any]:
@@ -312,7 +332,18 @@ def pfn(obj: Context, pfns: str) -> None:
                     ]
                     for r in runs
                 ],
-                headers=["PFNS", "PAGES", "VALID", "ONLINE_SEC", "ONLINE_PAGE", "ACTIVE", "ZONE", "NID", "FLAGS", "WHY_INACTIVE"],
+                headers=[
+                    "PFNS",
+                    "PAGES",
+                    "VALID",
+                    "ONLINE_SEC",
+                    "ONLINE_PAGE",
+                    "ACTIVE",
+                    "ZONE",
+                    "NID",
+                    "FLAGS",
+                    "WHY_INACTIVE",
+                ],
             )
 
         obj.emit({"runs": runs}, table)
@@ -332,10 +363,17 @@ def audit(obj: Context, list_rules: bool, errors_only: bool) -> None:
 
     def run() -> int:
         if list_rules:
-            rules = [{"rule": r.id, "severity": r.severity, "meaning": r.meaning, "kernels": r.kernels} for r in audit_mod.RULES]
+            rules = [
+                {"rule": r.id, "severity": r.severity, "meaning": r.meaning, "kernels": r.kernels}
+                for r in audit_mod.RULES
+            ]
             obj.emit(
                 {"rules": rules},
-                lambda: tabulate([[r["rule"], r["severity"], r["meaning"]] for r in rules], headers=["RULE", "SEVERITY", "MEANING"], maxcolwidths=[None, None, 80]),
+                lambda: tabulate(
+                    [[r["rule"], r["severity"], r["meaning"]] for r in rules],
+                    headers=["RULE", "SEVERITY", "MEANING"],
+                    maxcolwidths=[None, None, 80],
+                ),
             )
             return 0
         snap = obj.snapshot()
@@ -351,12 +389,22 @@ def audit(obj: Context, list_rules: bool, errors_only: bool) -> None:
             if not shown:
                 return f"{snap.layout.release}: no findings"
             body = tabulate(
-                [[f.severity, f.rule, f"{f.pfn_start:#x}-{f.pfn_end:#x}", f.pfn_end - f.pfn_start, f.message] for f in shown],
+                [
+                    [
+                        f.severity,
+                        f.rule,
+                        f"{f.pfn_start:#x}-{f.pfn_end:#x}",
+                        f.pfn_end - f.pfn_start,
+                        f.message,
+                    ]
+                    for f in shown
+                ],
                 headers=["SEVERITY", "RULE", "PFNS", "PAGES", "MESSAGE"],
                 maxcolwidths=[None, None, None, None, 70],
             )
-            counts = data["summary"]["by_severity"]
-            return f"{body}\n{snap.layout.release}: {counts['error']} error, {counts['warning']} warning, {counts['info']} info"
+            counts = audit_mod.summary(findings)["by_severity"]
+            tally = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info"))
+            return f"{body}\n{snap.layout.release}: {tally}"
 
         obj.emit(data, table)
         return audit_mod.exit_code(findings)
@@ -395,8 +443,13 @@ def diff(obj: Context, before: str, after: str) -> None:
         d = snapshot_mod.diff(snapshot_mod.load(Path(before)), snapshot_mod.load(Path(after)))
 
         def table() -> str:
-            lines = [f"section {s['nr']}: {s['change']}" + (f" {s.get('flags')}" if "flags" in s else "") for s in d["sections"]]
-            lines += [f"block {b['id']}: {b['change']}" + (f" {b.get('state')}" if "state" in b else "") for b in d["blocks"]]
+            lines = [
+                f"section {s['nr']}: {s['change']}" + (f" {s.get('flags')}" if "flags" in s else "")
+                for s in d["sections"]
+            ]
+            lines += [
+                f"block {b['id']}: {b['change']}" + (f" {b.get('state')}" if "state" in b else "") for b in d["blocks"]
+            ]
             lines += [f"pagemap {p['address']}: {p['change']}" for p in d["pagemaps"]]
             lines += [f"pfns {r['pfn_start']:#x}-{r['pfn_end']:#x}: {', '.join(r['fields'])}" for r in d["runs"]]
             return "\n".join(lines) or "no differences"

@@ -167,12 +167,12 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
             seg["altmap_part"][(starts >= base + reserve) & (starts < base + reserve + free)] = ALTMAP_FREE
 
     seg["block"] = -1
-    for b in snapshot.blocks:
-        seg["block"][(starts >= b.start_pfn) & (starts < b.start_pfn + b.nr_pages)] = b.id
+    for block in snapshot.blocks:
+        seg["block"][(starts >= block.start_pfn) & (starts < block.start_pfn + block.nr_pages)] = block.id
 
     spans = {(z.nid, z.zone_id): (z.start_pfn, z.start_pfn + z.spanned) for z in snapshot.zones}
-    for (nid, zone_id), (a, b) in spans.items():
-        match = (seg["nid"] == nid) & (seg["zone_id"] == zone_id) & (starts >= a) & (seg["pfn_end"] <= b)
+    for (span_nid, span_zone), (a, b) in spans.items():
+        match = (seg["nid"] == span_nid) & (seg["zone_id"] == span_zone) & (starts >= a) & (seg["pfn_end"] <= b)
         seg["in_zone_span"][match] = 1
     for n in snapshot.nodes:
         if n.first_deferred_pfn is not None:
@@ -195,7 +195,7 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
     zone_device = layout.zone_device if layout.zone_device is not None else -2
     max_zones = len(layout.zone_names)
     device_pfn = seg["registry_pgmap"] != 0
-    read = seg["memmap"] == MEMMAP_READ
+    readable = seg["memmap"] == MEMMAP_READ
     zone_id = seg["zone_id"]
     inactive = np.zeros(seg.size, dtype=np.uint32)
 
@@ -203,10 +203,10 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
         inactive[mask] |= np.uint32(CAUSE_BITS[name])
 
     cause("no-memmap", ~pfn_valid)
-    cause("memmap-unreadable", pfn_valid & ~read)
-    cause("zeroed", read & (seg["zeroed"] == 1))
-    cause("poisoned", read & (seg["poisoned"] == 1))
-    sane_content = read & (seg["zeroed"] == 0) & (seg["poisoned"] == 0)
+    cause("memmap-unreadable", pfn_valid & ~readable)
+    cause("zeroed", readable & (seg["zeroed"] == 1))
+    cause("poisoned", readable & (seg["poisoned"] == 1))
+    sane_content = readable & (seg["zeroed"] == 0) & (seg["poisoned"] == 0)
     cause("zone-out-of-range", sane_content & ((zone_id < 0) | (zone_id >= max_zones)))
     in_range = sane_content & (zone_id >= 0) & (zone_id < max_zones)
     # ZONE_DEVICE spans are tracked loosely by the kernel (never shrunk): check RAM zones only

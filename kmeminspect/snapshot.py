@@ -75,7 +75,7 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
             Pagemap(
                 address=p["address"],
                 type=p["type"],
-                ranges=tuple(tuple(r) for r in p["ranges"]),  # type: ignore[misc]
+                ranges=tuple((int(r[0]), int(r[1])) for r in p["ranges"]),
                 altmap=Altmap(**p["altmap"]) if p["altmap"] else None,
                 vmemmap_shift=p["vmemmap_shift"],
             )
@@ -115,7 +115,7 @@ def diff(a: Snapshot, b: Snapshot) -> dict[str, Any]:
     """What changed from a to b: sections, blocks, pagemaps, and pfn ranges whose page state differs."""
     sa = {s.nr: s for s in a.sections}
     sb = {s.nr: s for s in b.sections}
-    sections = []
+    sections: list[dict[str, Any]] = []
     for nr in sorted(set(sa) | set(sb)):
         x, y = sa.get(nr), sb.get(nr)
         if x is None or y is None:
@@ -131,7 +131,7 @@ def diff(a: Snapshot, b: Snapshot) -> dict[str, Any]:
             )
     ba = {blk.id: blk for blk in a.blocks}
     bb = {blk.id: blk for blk in b.blocks}
-    blocks = []
+    blocks: list[dict[str, Any]] = []
     for i in sorted(set(ba) | set(bb)):
         x2, y2 = ba.get(i), bb.get(i)
         if x2 is None or y2 is None:
@@ -149,7 +149,7 @@ def diff(a: Snapshot, b: Snapshot) -> dict[str, Any]:
 def _run_diff(a: np.ndarray, b: np.ndarray) -> list[dict[str, Any]]:
     cuts = np.unique(np.concatenate([a["pfn_start"], a["pfn_end"], b["pfn_start"], b["pfn_end"]]))
     out: list[dict[str, Any]] = []
-    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
         ia = np.searchsorted(a["pfn_start"], lo, side="right") - 1
         ib = np.searchsorted(b["pfn_start"], lo, side="right") - 1
         ra = a[ia] if ia >= 0 and lo < a["pfn_end"][ia] else None

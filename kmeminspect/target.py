@@ -17,9 +17,7 @@ import drgn
 from .errors import TargetError
 
 EM_X86_64 = 62
-X86_64 = drgn.Platform(
-    drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN
-)
+X86_64 = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
 KDUMP_SIGNATURE = b"KDUMP   "
 FLATTENED_SIGNATURE = b"makedumpfile"
 
@@ -96,7 +94,7 @@ def _release(prog: drgn.Program) -> str:
         return "unknown"
     for line in text.splitlines():
         if line.startswith(b"OSRELEASE="):
-            return line.split(b"=", 1)[1].decode()
+            return str(line.split(b"=", 1)[1].decode())
     return "unknown"
 
 
@@ -137,7 +135,9 @@ def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
     if ":" not in address:
         path = Path(address)
         if not path.exists():
-            raise TargetError(f"--qemu {address}: no such socket (start QEMU with -qmp unix:{address},server=on,wait=off)")
+            raise TargetError(
+                f"--qemu {address}: no such socket (start QEMU with -qmp unix:{address},server=on,wait=off)"
+            )
         if not stat.S_ISSOCK(path.stat().st_mode):
             raise TargetError(f"--qemu {address}: not a socket")
         try:
@@ -145,6 +145,11 @@ def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
                 s.settimeout(5)
                 s.connect(address)
                 greeting = s.recv(4096)
+        except TimeoutError:
+            raise TargetError(
+                f"--qemu {address}: no QMP greeting within 5 s (QEMU serves one client per QMP socket: "
+                "is another attached? give QEMU a second -qmp socket)"
+            ) from None
         except OSError as error:
             raise TargetError(f"--qemu {address}: cannot connect: {error.strerror or error}") from None
         if b'"QMP"' not in greeting:

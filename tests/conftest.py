@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -72,3 +72,13 @@ def captured() -> Callable[[str, str], truth.Capture]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: needs QEMU and the test bed's kernels")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The kernels the test bed resolved (Debian retires ABIs: CI logs say which ones ran)."""
+    lines = []
+    for generation in GENERATIONS:
+        kernel = download.load_kernel(generation)
+        if kernel:
+            lines.append(f"kernel {generation}: {kernel.release} ({kernel.version}) from {kernel.suite}")
+    return lines

@@ -8,7 +8,8 @@ a capture that mixes moments, fails here.
 from __future__ import annotations
 
 import gzip
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ pytestmark = pytest.mark.vm
 
 PAGE_SHIFT = 12
 SECTION_PAGES = 1 << (27 - PAGE_SHIFT)  # x86_64: SECTION_SIZE_BITS 27
-KPF_NOPAGE = truth.KPF_NOPAGE
 KPF_RESERVED = 32  # include/linux/kernel-page-flags.h (kernel-hacking flags, reported since 2.6.32)
 
 CASES = [pytest.param((g, s), id=f"{g}-{s}") for g in GENERATIONS for s in SCENARIOS]
@@ -34,22 +34,13 @@ class View:
         self.t: dict[str, Any] = capture.truth
         self.flags = np.frombuffer(gzip.decompress((capture.directory / "kpageflags.gz").read_bytes()), "<u8")
         self.block_pages = self.t["block_size"] >> PAGE_SHIFT
-
-    @property
-    def has_oracle(self) -> bool:
-        return self.t["pfn_to_online_page_oracle"] is not None
-
-    def require_oracle(self) -> None:
-        if not self.has_oracle:
-            pytest.skip(
-                f"{self.t['release']}: /proc/kpageflags no longer reports KPF_NOPAGE (kpage_read); "
-                "the bcc pfn_to_online_page oracle of the rootfs guest is not built yet"
-            )
+        oracle = capture.online()
+        assert oracle is not None, "every capture records pfn_to_online_page() (KPF_NOPAGE, or bcc from 7.2)"
+        self.kernel_online = oracle
 
     def online(self, start: int, end: int) -> np.ndarray:
-        """pfn_to_online_page() != NULL for pfns [start, end), from KPF_NOPAGE."""
-        end = min(end, self.flags.size)
-        return ((self.flags[start:end] >> KPF_NOPAGE) & 1) == 0
+        """pfn_to_online_page() != NULL for pfns [start, end), as the kernel answered."""
+        return self.kernel_online[start : min(end, self.kernel_online.size)]
 
     def blocks(self, predicate: Callable[[dict[str, Any]], bool] = lambda b: True) -> list[dict[str, Any]]:
         return [b for b in self.t["blocks"] if predicate(b)]
@@ -92,13 +83,15 @@ def test_capture_is_consistent(view: View) -> None:
         assert f.read(16).startswith(b"makedumpfile")  # QEMU writes the flattened format
     for block in t["blocks"]:
         assert block["phys_index"] == block["id"] * (t["block_size"] >> 27)
-    if not view.has_oracle:
-        return
-    # pfns of ZONE_DEVICE memory are never online, even inside an online block (pmem-collision)
+    # pfns of ZONE_DEVICE memory are never online, even inside an online block (pmem-collision),
+    # unless the kmem driver turned them into System RAM (dax-kmem)
     device = np.zeros(view.flags.size, dtype=bool)
     for region in view.iomem("Persistent Memory (legacy)", depth=0):
         start, end = pfns(region["start"], region["end"])
         device[start:end] = True
+    for ram in view.iomem("System RAM (kmem)"):
+        start, end = pfns(ram["start"], ram["end"])
+        device[start:end] = False
     for block in t["blocks"]:
         start, end = view.block_range(block)
         online = view.online(start, end)
@@ -126,7 +119,6 @@ def test_dimm_offline(view: View) -> None:
     dimm = view.hotplugged_blocks()
     assert len(dimm) == scenarios.DIMM_SIZE // view.t["block_size"]
     assert all(b["state"] == "offline" for b in dimm)
-    view.require_oracle()
     start, end = pfns(1 << 32, (1 << 32) + scenarios.DIMM_SIZE)
     assert end <= view.flags.size and not view.online(start, end).any()
 
@@ -141,7 +133,6 @@ def test_dimm_online(view: View) -> None:
     assert all(b["valid_zones"] == ["Movable"] for b in dimm[1:])
     assert view.zone("Normal")["start_pfn"] == view.block_range(dimm[0])[0]
     assert view.zone("Movable")["start_pfn"] == view.block_range(dimm[1])[0]
-    view.require_oracle()
     start, end = pfns(1 << 32, (1 << 32) + scenarios.DIMM_SIZE)
     assert view.online(start, end).all()
 
@@ -150,7 +141,6 @@ def test_dimm_online(view: View) -> None:
 def test_dimm_removed(view: View) -> None:
     assert not view.hotplugged_blocks()
     assert not [e for e in view.t["iomem"] if e["start"] >= 1 << 32 and e["name"] == "System RAM"]
-    view.require_oracle()
     # x86 never lowers max_pfn after a remove: the removed range is still walked, and NOPAGE
     start, end = pfns(1 << 32, (1 << 32) + scenarios.DIMM_SIZE)
     assert not view.online(start, min(end, view.flags.size)).any()
@@ -161,7 +151,6 @@ def test_memmap_on_memory(view: View) -> None:
     assert "memory_hotplug.memmap_on_memory=1" in view.t["cmdline"]
     dimm = view.hotplugged_blocks()
     assert len(dimm) == 1 and dimm[0]["state"] == "online"
-    view.require_oracle()
     start, end = view.block_range(dimm[0])
     assert view.online(start, end).all()
     # the block's own memmap (64 bytes per page) sits at its start: those pages are never free
@@ -194,7 +183,6 @@ def _pmem(view: View) -> dict[str, Any]:
 
 def _assert_device_pfns_not_online(view: View, region: dict[str, Any]) -> None:
     assert view.zone("Device")["spanned"] > 0
-    view.require_oracle()
     start, end = pfns(region["start"], region["end"])
     assert not view.online(start, end).any()
 
@@ -237,7 +225,6 @@ def test_dax_kmem(view: View) -> None:
     blocks = view.blocks(lambda b: start <= view.block_range(b)[0] < end)
     assert len(blocks) == (end - start) // view.block_pages
     assert all(b["state"] == "online" and b["valid_zones"] == ["Movable"] for b in blocks)
-    view.require_oracle()
     assert view.online(start, end).all()
 
 

@@ -26,9 +26,7 @@ def _state_names(prog: Program) -> dict[int, str]:
     """Block state value -> sysfs-style name: from enum memory_block_state where the kernel has it."""
     state_type = prog.type("struct memory_block").member("state").type.unaliased()
     if state_type.kind == TypeKind.ENUM:
-        return {
-            e.value: e.name.removeprefix("MEM_").lower().replace("_", "-") for e in state_type.enumerators or ()
-        }
+        return {e.value: e.name.removeprefix("MEM_").lower().replace("_", "-") for e in state_type.enumerators or ()}
     return MACRO_MEMORY_STATES
 
 

@@ -125,12 +125,11 @@ class MemmapReader:
         def bit(number: int | None) -> np.ndarray:
             if number is None:
                 return np.zeros(flags.size, dtype=np.uint8)
-            return (((flags >> np.uint64(number)) & np.uint64(1)).astype(np.uint8)) & read
+            result: np.ndarray = ((flags >> np.uint64(number)) & np.uint64(1)).astype(np.uint8) & read
+            return result
 
         type_word = words[:, fmt.page_type_offset // 8]
-        page_type = ((type_word >> np.uint64(8 * (fmt.page_type_offset % 8))) & np.uint64(0xFFFFFFFF)).astype(
-            np.uint32
-        )
+        page_type = ((type_word >> np.uint64(8 * (fmt.page_type_offset % 8))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         if fmt.offline_type_byte is not None:
             offline = (page_type >> np.uint32(24)) == fmt.offline_type_byte
         elif fmt.offline_mapcount_value is not None:
@@ -156,7 +155,9 @@ class MemmapReader:
             "pgmap": pgmap,
         }
 
-    def _pgmap_of_heads(self, start_pfn: int, words: np.ndarray, memmap_base: int) -> Callable[[np.ndarray], np.ndarray]:
+    def _pgmap_of_heads(
+        self, start_pfn: int, words: np.ndarray, memmap_base: int
+    ) -> Callable[[np.ndarray], np.ndarray]:
         """For ZONE_DEVICE pages at the given indexes: the pgmap word of each one's head page.
 
         Tails of compound device pages (device-DAX) keep the head address in compound_head, which
@@ -172,7 +173,7 @@ class MemmapReader:
         n = words.shape[0]
 
         def heads(indexes: np.ndarray) -> np.ndarray:
-            result = pgmap_words[indexes].copy()
+            result: np.ndarray = pgmap_words[indexes].copy()
             info = compound[indexes]
             tail = (info & np.uint64(1)) == 1
             page_addresses = np.uint64(first_address) + indexes.astype(np.uint64) * np.uint64(size)
@@ -186,8 +187,11 @@ class MemmapReader:
                 is_head = ((flags[indexes] >> np.uint64(fmt.pg_head)) & np.uint64(1)) == 1
                 nxt = np.minimum(indexes + 1, n - 1)
                 next_info = compound[nxt]
-                fake = is_head & (indexes + 1 < n) & ((next_info & np.uint64(1)) == 1) & (
-                    next_info - np.uint64(1) != page_addresses
+                fake = (
+                    is_head
+                    & (indexes + 1 < n)
+                    & ((next_info & np.uint64(1)) == 1)
+                    & (next_info - np.uint64(1) != page_addresses)
                 )
                 head_address = np.where(fake, next_info - np.uint64(1), head_address)
                 tail |= fake

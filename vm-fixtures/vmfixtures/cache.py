@@ -7,8 +7,8 @@ import fcntl
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _START = time.monotonic()
 

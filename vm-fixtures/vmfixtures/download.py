@@ -21,8 +21,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from .cache import cache_dir, locked, log
 
@@ -76,9 +77,7 @@ def machine_mirror() -> str:
     """Return the Debian mirror URI the machine's own apt sources use (read, never changed)."""
     candidates: list[str] = []
     sources_d = Path("/etc/apt/sources.list.d")
-    files = [Path("/etc/apt/sources.list")] + sorted(sources_d.glob("*.sources")) + sorted(
-        sources_d.glob("*.list")
-    )
+    files = [Path("/etc/apt/sources.list")] + sorted(sources_d.glob("*.sources")) + sorted(sources_d.glob("*.list"))
     for path in files:
         if not path.is_file():
             continue
@@ -87,9 +86,7 @@ def machine_mirror() -> str:
             for stanza in re.split(r"\n\s*\n", text):
                 fields = dict(
                     (k.strip().lower(), v.strip())
-                    for k, _, v in (
-                        line.partition(":") for line in stanza.splitlines() if not line.startswith("#")
-                    )
+                    for k, _, v in (line.partition(":") for line in stanza.splitlines() if not line.startswith("#"))
                     if v
                 )
                 if "uris" in fields and "security" not in fields.get("suites", ""):
@@ -260,7 +257,7 @@ def _fetch_kernel(generation: str, apt: PrivateApt | None, update: bool) -> Kern
     for part in sorted(set(re.findall(rf"(linux-(?:binary|modules|base)-{re.escape(release)})\b", depends))):
         images.append(apt.download(f"{part}/{suite}", debs))
     dbg = apt.download(f"linux-image-{release}-dbg/{suite}", debs)
-    headers = apt.download(f"linux-headers-{release}/{suite}", debs)
+    apt.download(f"linux-headers-{release}/{suite}", debs)  # for the rootfs guest (bcc)
     common = apt.show(f"linux-headers-{release}/{suite}").get("Depends", "")
     m = re.search(r"(linux-headers-\S+-common)", common)
     if m:
@@ -339,4 +336,3 @@ def load_kernel(generation: str) -> Kernel | None:
         if data.get("generation") == generation:
             return Kernel(generation, data["suite"], data["release"], data["version"], stamp.parent)
     return None
-

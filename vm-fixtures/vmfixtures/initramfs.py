@@ -45,9 +45,7 @@ class ModuleTree:
         for path in self.root.rglob("*.ko*"):
             self.files[_module_name(str(path))] = path
         builtin = self.root / "modules.builtin"
-        self.builtin = (
-            {_module_name(line) for line in builtin.read_text().split()} if builtin.exists() else set()
-        )
+        self.builtin = {_module_name(line) for line in builtin.read_text().split()} if builtin.exists() else set()
 
     def depends(self, name: str) -> list[str]:
         """The module's ``depends=`` entry of its ``.modinfo`` section."""
@@ -158,11 +156,12 @@ def _build_initramfs(kernel: Kernel) -> Path:
         (root / "etc" / "modules-boot").write_text("\n".join(boot) + "\n")
         tmp_out = out.with_suffix(".tmp")
         with open(tmp_out, "wb") as f:
-            files = subprocess.run(
-                ["find", ".", "-mindepth", "1"], cwd=root, capture_output=True, check=True
-            ).stdout
+            files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, capture_output=True, check=True).stdout
             cpio = subprocess.Popen(
-                ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                ["cpio", "-o", "-H", "newc", "--quiet"],
+                cwd=root,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
             )
             gz = subprocess.Popen(["gzip", "-1"], stdin=cpio.stdout, stdout=f)
             assert cpio.stdin is not None and cpio.stdout is not None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 from .download import Kernel
 from .vm import Guest, GuestError, Memory
@@ -36,26 +37,23 @@ class Scenario:
     #: return a reason when ``kernel`` cannot reach the state, else None
     unsupported: Callable[[Kernel], str | None] = lambda kernel: None
 
-    def guest(self, kernel: Kernel, workdir: "object | None" = None) -> Guest:
+    def guest(self, kernel: Kernel, workdir: Path | None = None) -> Guest:
+        """A busybox guest, not yet started, set up to boot into this scenario."""
         reason = self.unsupported(kernel)
         if reason:
             raise ScenarioUnsupported(f"{self.name} on {kernel.release}: {reason}")
-        from pathlib import Path
-
         return Guest(
             kernel,
             cmdline=list(self.cmdline),
             qemu_args=list(self.qemu_args),
             memory=self.memory,
-            workdir=Path(str(workdir)) if workdir else None,
+            workdir=workdir,
         )
 
 
 # -- helpers run in the guest ----------------------------------------------------------------------
 
-BLOCK_LIST = (
-    "for d in /sys/devices/system/memory/memory*; do echo ${d##*memory} $(cat $d/state); done | sort -n"
-)
+BLOCK_LIST = "for d in /sys/devices/system/memory/memory*; do echo ${d##*memory} $(cat $d/state); done | sort -n"
 
 
 def memory_blocks(guest: Guest) -> dict[int, str]:
@@ -156,9 +154,7 @@ def _virtio_mem_size(guest: Guest) -> int:
 
 
 def _resize_virtio_mem(guest: Guest, size: int, timeout: float = 90.0) -> None:
-    guest.execute(
-        "qom-set", path=f"/machine/peripheral/{VIRTIO_MEM_ID}", property="requested-size", value=size
-    )
+    guest.execute("qom-set", path=f"/machine/peripheral/{VIRTIO_MEM_ID}", property="requested-size", value=size)
     wait_for(f"virtio-mem to reach {size >> 20} MiB", lambda: _virtio_mem_size(guest) == size, timeout)
 
 
@@ -177,7 +173,10 @@ COLLISION_SIZE = 254 * MiB
 
 def _pmem_modules(guest: Guest) -> None:
     guest.run("for m in nd_e820 nd_pmem dax_pmem device_dax; do loadmod $m; done")
-    wait_for("namespace0.0", lambda: guest.run("test -e /sys/bus/nd/devices/namespace0.0", check=False).returncode == 0)
+    wait_for(
+        "namespace0.0",
+        lambda: guest.run("test -e /sys/bus/nd/devices/namespace0.0", check=False).returncode == 0,
+    )
 
 
 def _pmem_fsdax(guest: Guest) -> None:
@@ -215,6 +214,13 @@ def _dax_kmem(guest: Guest) -> None:
 
     wait_for("kmem memory blocks", arrived)
     for block in new:
+        set_block_state(guest, block, "online_movable")
+
+
+def _mixed(guest: Guest) -> None:
+    _pmem_collision(guest)
+    blocks = add_dimm(guest)
+    for block in blocks[: len(blocks) // 2]:
         set_block_state(guest, block, "online_movable")
 
 
@@ -265,8 +271,10 @@ SCENARIOS: dict[str, Scenario] = {
             cmdline=("memhp_default_state=online_movable",),
             memory=_DIMM_MEMORY,
             qemu_args=(
-                "-object", f"memory-backend-ram,id={VIRTIO_MEM_ID}-mem,size={VIRTIO_MEM_MAX}",
-                "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,requested-size=0",
+                "-object",
+                f"memory-backend-ram,id={VIRTIO_MEM_ID}-mem,size={VIRTIO_MEM_MAX}",
+                "-device",
+                f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,requested-size=0",
             ),
         ),  # fmt: skip
         Scenario(
@@ -298,6 +306,16 @@ SCENARIOS: dict[str, Scenario] = {
             "a devdax namespace handed to the kmem driver and onlined movable as System RAM",
             _dax_kmem,
             cmdline=("memhp_default_state=offline", f"memmap={PMEM_SIZE >> 20}M!{PMEM_START >> 20}M"),
+            memory=_PMEM_MEMORY,
+        ),
+        Scenario(
+            "mixed",
+            "the demo: pmem colliding with RAM in one section, and a DIMM half online_movable, half offline",
+            _mixed,
+            cmdline=(
+                "memhp_default_state=offline",
+                f"memmap={COLLISION_SIZE >> 20}M!{COLLISION_START >> 20}M",
+            ),
             memory=_PMEM_MEMORY,
         ),
         Scenario(

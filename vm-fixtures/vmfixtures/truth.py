@@ -18,14 +18,19 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import mmap
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .cache import cache_dir, locked, log
 from .download import Kernel
+from .oracle import pfn_to_online_page_ranges
+from .rootfs import rootfs_guest
 from .scenarios import SCENARIOS
 from .vm import Guest
 
@@ -65,6 +70,15 @@ class Capture:
     def kpageflags(self) -> bytes:
         return gzip.decompress((self.directory / "kpageflags.gz").read_bytes())
 
+    def online(self) -> np.ndarray | None:
+        """pfn_to_online_page() != NULL for every pfn the kernel walked, or None without an oracle."""
+        if self.truth.get("pfn_to_online_page_oracle") is None:
+            return None
+        mask = np.zeros(self.truth["kpageflags_pfns"], dtype=bool)
+        for start, end in self.truth["online_pfn_ranges"]:
+            mask[start:end] = True
+        return mask
+
 
 def parse_iomem(text: str) -> list[dict[str, Any]]:
     entries = []
@@ -95,15 +109,13 @@ def parse_zoneinfo(text: str) -> list[dict[str, Any]]:
     return zones
 
 
-def runs_of(mask: "list[bool] | Any") -> list[list[int]]:
+def runs_of(mask: list[bool] | Any) -> list[list[int]]:
     """[start, end) pfn ranges where mask is true."""
-    import numpy as np
-
     m = np.asarray(mask, dtype=bool)
     if m.size == 0:
         return []
     edges = np.flatnonzero(np.diff(np.concatenate(([0], m.view(np.int8), [0]))))
-    return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
+    return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 BLOCKS_SCRIPT = r"""
@@ -117,7 +129,6 @@ done
 
 def collect_truth(guest: Guest) -> tuple[dict[str, Any], bytes]:
     """The kernel's own view, read inside the guest, and the raw /proc/kpageflags."""
-    import numpy as np
 
     def read(cmd: str) -> str:
         return guest.run(cmd).text
@@ -160,6 +171,18 @@ def collect_truth(guest: Guest) -> tuple[dict[str, Any], bytes]:
     return truth, raw
 
 
+def kpageflags_reports_nopage(kernel: Kernel) -> bool:
+    """False where a NULL from pfn_to_online_page() reads as 0 in /proc/kpageflags: from 7.2 on, whose
+    read path is kpage_read() (found in the vmlinux symbol table). Those kernels need the bcc oracle."""
+    stamp = kernel.directory / "kpage_read.json"
+    if stamp.is_file():
+        return bool(json.loads(stamp.read_text())["nopage"])
+    with open(kernel.vmlinux, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        has_kpage_read = data.find(b"\0kpage_read\0") >= 0 or data.find(b"\0kpage_read.") >= 0
+    stamp.write_text(json.dumps({"nopage": not has_kpage_read}))
+    return not has_kpage_read
+
+
 def capture(kernel: Kernel, scenario_name: str, dumps: bool = True, refresh: bool = False) -> Capture:
     """Bring a scenario up on kernel, record truth and dumps; reuse the cached capture if current."""
     with locked(f"capture-{kernel.release}-{scenario_name}"):
@@ -179,11 +202,20 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"capturing {scenario_name} on {kernel.release}")
-    guest = scenario.guest(kernel, workdir=work / "guest")
+    use_bcc = not kpageflags_reports_nopage(kernel)
+    guest = rootfs_guest(scenario_name, kernel, work / "guest") if use_bcc else scenario.guest(kernel, work / "guest")
     try:
         guest.start()
         scenario.setup(guest)
         truth, kpageflags = collect_truth(guest)
+        if use_bcc:
+            # the same walk, with an fexit on pfn_to_online_page() recording every answer
+            answers = pfn_to_online_page_ranges(guest, mode="fexit")
+            if answers.pfns != truth["kpageflags_pfns"]:
+                raise RuntimeError(f"oracle walked {answers.pfns} pfns, kpageflags {truth['kpageflags_pfns']}")
+            truth["pfn_to_online_page_oracle"] = f"bcc-{answers.mode}"
+            truth["online_pfn_ranges"] = [list(r) for r in answers.ranges]
+            truth["oracle_calls"] = answers.calls
         truth["scenario"] = scenario_name
         truth["generation"] = kernel.generation
         truth["kernel_version"] = kernel.version

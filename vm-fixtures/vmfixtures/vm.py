@@ -70,6 +70,8 @@ class Guest:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kmi-guest."))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.qmp_path = self.workdir / "qmp.sock"
+        # QEMU's QMP serves one client per socket: a second one is left for tools (drgn --qemu)
+        self.tools_qmp_path = self.workdir / "qmp-tools.sock"
         self.ctl_path = self.workdir / "ctl.sock"
         self.console_path = self.workdir / "console.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -79,6 +81,10 @@ class Guest:
         self._next_id = 1
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    def initrd(self) -> Path:
+        """The initramfs QEMU boots (``-initrd``); ``rootfs.RootfsGuest`` boots its own."""
+        return build_initramfs(self.kernel)
+
     def qemu_command(self) -> list[str]:
         m = self.memory
         return [
@@ -88,7 +94,7 @@ class Guest:
             "-smp", str(self.smp),
             "-m", f"{m.boot_mb}M,slots={m.slots},maxmem={m.maxmem_mb}M",
             "-kernel", str(self.kernel.vmlinuz),
-            "-initrd", str(build_initramfs(self.kernel)),
+            "-initrd", str(self.initrd()),
             "-append", " ".join(self.cmdline),
             "-display", "none",
             "-vga", "none",
@@ -96,6 +102,7 @@ class Guest:
             "-no-reboot",
             "-serial", f"file:{self.console_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", f"unix:{self.tools_qmp_path},server=on,wait=off",
             "-device", "vmcoreinfo",
             "-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off",
             "-device", "virtio-serial-pci",
@@ -103,10 +110,10 @@ class Guest:
             *self.qemu_args,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 180.0) -> "Guest":
+    def start(self, timeout: float = 180.0) -> Guest:
         if not shutil.which("qemu-system-x86_64"):
             raise GuestError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
-        for path in (self.qmp_path, self.ctl_path):
+        for path in (self.qmp_path, self.tools_qmp_path, self.ctl_path):
             path.unlink(missing_ok=True)
         start = time.monotonic()
         self.process = subprocess.Popen(
@@ -130,7 +137,7 @@ class Guest:
         log(f"guest {self.kernel.release} up in {time.monotonic() - start:.1f}s ({self.workdir})")
         return self
 
-    def __enter__(self) -> "Guest":
+    def __enter__(self) -> Guest:
         return self.start()
 
     def __exit__(
@@ -184,7 +191,7 @@ class Guest:
             self._ctl.settimeout(min(remaining, 1.0))
             try:
                 chunk = self._ctl.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 raise GuestError(f"control channel closed\n{self.console()}")

@@ -1,0 +1,33 @@
+# kmeminspect — see README.md. Kernels, images and dumps live in $(KMEMINSPECT_CACHE), never in git.
+PYTHON ?= python3
+export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
+PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
+
+.PHONY: setup demo test check lint format fixtures clean-cache
+
+setup:           ## install apt and pip prerequisites (idempotent)
+	bash .ci/setup
+
+demo: setup      ## the main job: boot the bundled hotplug guest and inspect it
+	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures demo
+
+test: lint       ## everything: fast tests and VM tests on every kernel generation
+	$(PYTEST) -n 2 tests
+
+check: lint      ## the fast tests only (no VM), in seconds
+	$(PYTEST) -m "not vm" tests
+
+lint:
+	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests
+	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests
+	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures
+
+format:
+	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests
+	$(PYTHON) -m ruff check --fix kmeminspect vm-fixtures tests
+
+fixtures:        ## fetch every kernel and capture every scenario (what the VM tests use)
+	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures capture
+
+clean-cache:
+	rm -rf $(KMEMINSPECT_CACHE)/captures $(KMEMINSPECT_CACHE)/initramfs

@@ -1,0 +1,3 @@
+from kmeminspect.cli import main
+
+main()
