@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -34,6 +35,7 @@ class Context:
         self.location = location
         self.vmlinux = vmlinux
         self.as_json = as_json
+        self.prog: Any = None  # the drgn Program once opened (None for --snapshot)
 
     def snapshot(self, pfn_range: tuple[int, int] | None = None) -> Snapshot:
         if self.kind == "snapshot":
@@ -42,8 +44,17 @@ class Context:
         from .kernel import read_snapshot, terminal_progress
         from .target import open_target
 
-        prog, source = open_target(self.kind, self.location, self.vmlinux)
-        return read_snapshot(prog, source, terminal_progress("reading memmap"), pfn_range)
+        self.prog, source = open_target(self.kind, self.location, self.vmlinux)
+        return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range)
+
+    def page(self, snap: Snapshot, pfn: int) -> dict[str, Any] | None:
+        """The full decode of one struct page, when a kernel (not a snapshot file) is open."""
+        if self.prog is None:
+            return None
+        from .kernel.layout import page_format
+        from .kernel.pages import describe_page
+
+        return describe_page(self.prog, snap.layout, page_format(self.prog, len(snap.layout.zone_names)), pfn)
 
     def emit(self, data: dict[str, Any], table: Callable[[], str]) -> None:
         if self.as_json:
@@ -312,6 +323,11 @@ def pfn(obj: Context, pfns: str) -> None:
         if not is_range:
             single = dict(runs[0], pfn=start)
             del single["pfn_start"], single["pfn_end"]
+            page = obj.page(snap, start) if single["memmap"] == "read" else None
+            if page is not None:
+                kind = page["page_type"]
+                single["flags"] = page.pop("flags") + ([f"Page{kind.capitalize()}"] if kind else [])
+                single["page"] = page
             obj.emit({"pfns": [single]}, lambda: "\n".join(f"{k:20} {v}" for k, v in single.items()))
             return
 
@@ -455,5 +471,24 @@ def diff(obj: Context, before: str, after: str) -> None:
             return "\n".join(lines) or "no differences"
 
         obj.emit(d, table)
+
+    _run(run)
+
+
+@main.command()
+@click.pass_obj
+def doctor(obj: Context) -> None:
+    """What each command needs on this machine, and the command that fixes what is missing."""
+    from .doctor import checks
+
+    def run() -> None:
+        results = checks()
+        data = {"checks": [dataclasses.asdict(c) for c in results]}
+
+        def table() -> str:
+            rows = [[("ok" if c.ok else "MISSING"), c.name, c.detail, c.needed_for, c.fix or ""] for c in results]
+            return tabulate(rows, headers=["", "CHECK", "FOUND", "NEEDED FOR", "FIX"])
+
+        obj.emit(data, table)
 
     _run(run)

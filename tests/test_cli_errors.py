@@ -177,3 +177,12 @@ def test_live_without_kcore() -> None:
 
 def test_two_targets() -> None:
     assert_one_line_error(kmem("--vmcore", "a", "--qemu", "b", "sections"), "choose one target")
+
+
+def test_doctor_reports_this_machine() -> None:
+    result = kmem("--json", "doctor")
+    assert result.returncode == 0, result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["/proc/kcore"]["ok"] == os.path.exists("/proc/kcore")
+    assert checks["root"]["ok"] == (os.geteuid() == 0)
+    assert all((c["fix"] is None) == c["ok"] for c in checks.values())

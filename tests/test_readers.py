@@ -218,3 +218,29 @@ def test_memmap_read_everywhere_valid(read: Read) -> None:
     seg = read.segments
     valid = seg["pfn_valid"] == 1
     assert (seg["memmap"][valid] == MEMMAP_READ).all()
+
+
+KPF_RESERVED = 32  # include/linux/kernel-page-flags.h: reported by /proc/kpageflags since 2.6.32
+
+
+@pytest.mark.parametrize("read", [pytest.param((g, "virtio-mem-partial"), id=g) for g in GENERATIONS], indirect=True)
+def test_single_page_decode_matches_kpageflags(read: Read) -> None:
+    """The full decode of single pages (``pfn PFN``) agrees with the kernel's own kpageflags bits
+    (the stable ones: buddy state changes between the kpageflags read and the dump)."""
+    from kmeminspect.kernel.layout import page_format
+    from kmeminspect.kernel.pages import describe_page
+
+    fmt = page_format(read.prog, len(read.snapshot.layout.zone_names))
+    flags = read.kpageflags
+    online = read.capture.online()
+    assert online is not None
+    rng = np.random.default_rng(3)
+    offline = [a for a, _ in read.truth["offline_page_ranges"]]
+    pfns = offline + rng.choice(np.flatnonzero(online), 300, replace=False).tolist()
+    for pfn in pfns:
+        page = describe_page(read.prog, read.snapshot.layout, fmt, pfn)
+        assert page is not None
+        kernel = int(flags[pfn])
+        assert ("PG_reserved" in page["flags"]) == bool(kernel >> KPF_RESERVED & 1), pfn
+        assert (page["page_type"] == "offline") == bool(kernel >> truth.KPF_OFFLINE & 1), pfn
+    assert offline, "virtio-mem-partial has PageOffline pages"
