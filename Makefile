@@ -3,7 +3,7 @@ PYTHON ?= python3
 export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test check lint format fixtures clean-cache
+.PHONY: setup demo test check lint format fixtures bench clean-cache
 
 setup:           ## install apt and pip prerequisites (idempotent)
 	bash .ci/setup
@@ -18,9 +18,9 @@ check: lint      ## the fast tests only (no VM), in seconds
 	$(PYTEST) -m "not vm" tests
 
 lint:
-	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests
-	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests
-	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures
+	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests benchmarks
+	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests benchmarks
+	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py
 
 format:
 	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests
@@ -28,6 +28,9 @@ format:
 
 fixtures:        ## fetch every kernel and capture every scenario (what the VM tests use)
 	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures capture
+
+bench:           ## kmeminspect against crash and makedumpfile on 2 and 8 GiB dumps (docs/benchmarks.md)
+	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/run.py
 
 clean-cache:
 	rm -rf $(KMEMINSPECT_CACHE)/captures $(KMEMINSPECT_CACHE)/initramfs

@@ -136,7 +136,11 @@ class MemmapReader:
             offline = page_type == np.uint32(fmt.offline_mapcount_value & 0xFFFFFFFF)
         else:
             offline = np.zeros(flags.size, dtype=bool)
-        zeroed = ~words.any(axis=1) & read
+        # only pages with no flags at all can be all zeros: test the whole struct page for those alone
+        zeroed = (flags == 0) & read
+        candidates = np.flatnonzero(zeroed)
+        if candidates.size:
+            zeroed[candidates] = ~words[candidates].any(axis=1)
         poisoned = (flags == ALL_ONES) & read
         pgmap = np.zeros(flags.size, dtype=np.uint64)
         device = read & (zone_id == (self.layout.zone_device if self.layout.zone_device is not None else -2))

@@ -1,0 +1,235 @@
+"""``make bench``: kmeminspect against its anchors on the same dumps, side by side, as ratios.
+
+For each guest size (boot memory only; the 6.1 kernel, the one bookworm's crash can open) this builds or
+reuses an ELF and a kdump-compressed dump under ``$KMEMINSPECT_CACHE/bench``, then runs, alternating,
+several times each:
+
+- ``kmeminspect --vmcore D audit`` end to end (a new process: Python start, debug info, every memmap);
+- ``crash -s VMLINUX D`` running ``kmem -n`` (the section table every analyst knows);
+- ``makedumpfile -d 31`` on the ELF dump, whose "Excluding unnecessary pages" stage walks every memmap;
+- in process: kmeminspect's bulk memmap read per page, and one drgn Object per page (``page->flags``)
+  over a sample, the slow way this project avoids.
+
+It prints medians, ratios, peak RSS and the machine, as a Markdown table for docs/benchmarks.md.
+makedumpfile 1.7 expects the program headers right after the ELF header; QEMU (7.2 here, and 10) puts
+a section header there and the program headers after it, so makedumpfile says "Can't get the number of
+PT_LOAD". The runner gives makedumpfile a sparse copy with the program header table moved to offset 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-fixtures"))
+
+from vmfixtures import download  # noqa: E402
+from vmfixtures.cache import cache_dir, locked, log  # noqa: E402
+from vmfixtures.vm import Guest, Memory  # noqa: E402
+
+GENERATION = "6.1"
+
+
+def build_dumps(kernel: download.Kernel, size_mb: int) -> tuple[Path, Path]:
+    directory = cache_dir() / "bench" / kernel.release / f"{size_mb}M"
+    elf, kdump = directory / "vmcore.elf", directory / "vmcore.kdump"
+    with locked(f"bench-{kernel.release}-{size_mb}"):
+        if elf.is_file() and kdump.is_file():
+            return elf, kdump
+        directory.mkdir(parents=True, exist_ok=True)
+        log(f"bench: booting a {size_mb} MiB guest of {kernel.release}")
+        memory = Memory(boot_mb=size_mb, slots=1, maxmem_mb=size_mb + 1024)
+        with Guest(kernel, cmdline=["memhp_default_state=offline"], memory=memory) as guest:
+            # wait for deferred struct page init to finish, so the dump holds a complete memmap
+            guest.run("while ! dmesg | grep -q 'deferred pages initialised'; do sleep 0.5; done", timeout=600)
+            guest.execute("stop")
+            guest.dump(elf, "elf")
+            subprocess.run(["fallocate", "--dig-holes", str(elf)], check=False)
+            guest.dump(kdump, "kdump-zlib")
+    return elf, kdump
+
+
+def timed(command: list[str], stdin: str | None = None) -> float:
+    """Wall seconds of one run (exit status 0 or 1: an audit with findings is a successful run)."""
+    start = time.perf_counter()
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode not in (0, 1):
+        raise RuntimeError(f"{command[0]} failed ({result.returncode}): {result.stderr[-500:]}")
+    return seconds
+
+
+def peak_rss(command: list[str]) -> int:
+    """Peak RSS in KiB of one run, from /usr/bin/time -v (getrusage keeps the maximum of all children)."""
+    out = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True).stderr
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out)
+    return int(m.group(1)) if m else -1
+
+
+def fixed_for_makedumpfile(elf: Path) -> Path:
+    """A sparse copy of a QEMU ELF dump with its program headers right after the ELF header."""
+    fixed = elf.with_name("vmcore.makedumpfile.elf")
+    if fixed.is_file():
+        return fixed
+    subprocess.run(["cp", "--sparse=always", str(elf), str(fixed)], check=True)
+    with open(fixed, "r+b") as f:
+        header = bytearray(f.read(64))
+        phoff = struct.unpack_from("<Q", header, 32)[0]
+        phentsize, phnum = struct.unpack_from("<HH", header, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        first_data = min(struct.unpack_from("<Q", table, i * phentsize + 8)[0] for i in range(phnum))
+        if 64 + len(table) > first_data:
+            raise RuntimeError(f"{elf}: no room to move the program headers")
+        struct.pack_into("<Q", header, 32, 64)  # e_phoff
+        struct.pack_into("<Q", header, 40, 0)  # e_shoff: drop QEMU's single section header
+        struct.pack_into("<HHH", header, 58, 0, 0, 0)  # e_shentsize, e_shnum, e_shstrndx
+        f.seek(0)
+        f.write(bytes(header) + table)
+    return fixed
+
+
+def makedumpfile_exclusion_seconds(vmlinux: Path, elf: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [
+                "makedumpfile",
+                "-d",
+                "31",
+                "-l",
+                "--message-level",
+                "31",
+                "-x",
+                str(vmlinux),
+                str(fixed_for_makedumpfile(elf)),
+                f"{tmp}/out",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    text = out.stdout + out.stderr
+    m = re.search(r"STEP \[Excluding unnecessary pages\s*\] : ([0-9.]+) seconds", text)
+    if not m:
+        raise RuntimeError(f"makedumpfile printed no exclusion time:\n{text[-800:]}")
+    return float(m.group(1))
+
+
+def in_process(vmlinux: Path, elf: Path, kdump: Path, sample: int) -> dict[str, float]:
+    """Per-page cost of kmeminspect's whole read (ELF, as makedumpfile reads; and kdump-compressed,
+    where libkdumpfile's zlib decompression dominates) and of one drgn Object per page."""
+    import drgn
+    from drgn.helpers.linux.mm import page_flags
+
+    from kmeminspect.kernel import read_snapshot
+    from kmeminspect.state import MEMMAP_READ, Snapshot
+    from kmeminspect.target import open_vmcore
+
+    def median_read(path: Path) -> tuple[float, drgn.Program, Snapshot]:
+        prog = open_vmcore(path, vmlinux)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            snap = read_snapshot(prog, {"kind": "vmcore"})
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), prog, snap
+
+    bulk_kdump, _, _ = median_read(kdump)
+    bulk, prog, snap = median_read(elf)
+    runs = snap.runs
+    pages = int((runs["pfn_end"] - runs["pfn_start"])[runs["memmap"] == MEMMAP_READ].sum())
+    page_type = prog.type("struct page")
+    vmemmap = snap.layout.vmemmap_base
+    start = time.perf_counter()
+    total = 0
+    for pfn in range(4096, 4096 + sample):
+        page = drgn.Object(prog, page_type, address=vmemmap + pfn * snap.layout.struct_page_size)
+        total += page_flags(page.address_of_()).value_() & 1
+    per_object = (time.perf_counter() - start) / sample
+    return {
+        "pages": pages,
+        "bulk_ns_per_page": bulk / pages * 1e9,
+        "kdump_ns_per_page": bulk_kdump / pages * 1e9,
+        "object_ns_per_page": per_object * 1e9,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="2048,8192", help="guest boot memory in MiB, comma separated")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    apt = download.prepare_apt()
+    kernel = download.fetch_kernel(GENERATION, apt, update=False)
+    kmem = [sys.executable, "-m", "kmeminspect"]
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        elf, kdump = build_dumps(kernel, size)
+        log(f"bench: {size} MiB")
+        ours, theirs = [], []
+        for _ in range(args.repeat):  # alternate, so drifts hit both alike
+            ours.append(timed([*kmem, "--vmcore", str(kdump), "--vmlinux", str(kernel.vmlinux), "audit"]))
+            theirs.append(timed(["crash", "-s", str(kernel.vmlinux), str(elf)], stdin="kmem -n\nquit\n"))
+        exclusion = statistics.median(makedumpfile_exclusion_seconds(kernel.vmlinux, elf) for _ in range(args.repeat))
+        inner = in_process(kernel.vmlinux, elf, kdump, sample=20000)
+        rss = peak_rss([*kmem, "--vmcore", str(kdump), "--vmlinux", str(kernel.vmlinux), "audit"])
+        pages = inner["pages"]
+        rows.append(
+            {
+                "size": f"{size // 1024} GiB",
+                "kmem_audit_s": statistics.median(ours),
+                "crash_kmem_n_s": statistics.median(theirs),
+                "ratio_e2e": statistics.median(ours) / statistics.median(theirs),
+                "walk_ns": inner["bulk_ns_per_page"],
+                "kdump_ns": inner["kdump_ns_per_page"],
+                "mdf_ns": exclusion / pages * 1e9,
+                "ratio_walk": inner["bulk_ns_per_page"] / (exclusion / pages * 1e9),
+                "object_ns": inner["object_ns_per_page"],
+                "rss_mb": rss / 1024,
+            }
+        )
+    print(
+        f"\nmachine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"kernel {kernel.release}, drgn {__import__('drgn').__version__}, repeat {args.repeat} (medians)\n"
+    )
+    header = [
+        "dump",
+        "kmeminspect audit (s)",
+        "crash kmem -n (s)",
+        "ratio",
+        "memmap walk, ELF (ns/page)",
+        "makedumpfile exclusion, ELF (ns/page)",
+        "ratio",
+        "memmap walk, kdump-zlib (ns/page)",
+        "drgn Object per page (ns)",
+        "audit peak RSS (MB)",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [
+            str(r["size"]),
+            f"{r['kmem_audit_s']:.2f}",
+            f"{r['crash_kmem_n_s']:.2f}",
+            f"{r['ratio_e2e']:.2f}",
+            f"{r['walk_ns']:.1f}",
+            f"{r['mdf_ns']:.1f}",
+            f"{r['ratio_walk']:.2f}",
+            f"{r['kdump_ns']:.1f}",
+            f"{r['object_ns']:.0f}",
+            f"{r['rss_mb']:.0f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
