@@ -180,7 +180,10 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
             )
         )
 
-    outside = p2op & ((inactive & np.uint32(bits["outside-zone-span"])) != 0) & ((inactive & insane) == 0)
+    # a deferred pfn's memmap is not initialized yet: its content (zone, node) means nothing. The boot
+    # memmap is allocated raw (memblock), so it may hold leftovers rather than zeros (seen under SeaBIOS).
+    deferred = seg["deferred"] == 1
+    outside = p2op & ((inactive & np.uint32(bits["outside-zone-span"])) != 0) & ((inactive & insane) == 0) & ~deferred
     for start, end, (zone_id, nid, reserved) in _grouped(
         seg, outside, lambda r: (int(r["zone_id"]), int(r["nid"]), int(r["reserved"]))
     ):
@@ -198,7 +201,7 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
             f.severity = ERROR
         findings.append(f)
 
-    device = p2op & ((seg["zone_id"] == zone_device) | (seg["registry_pgmap"] != 0))
+    device = p2op & (((seg["zone_id"] == zone_device) & ~deferred) | (seg["registry_pgmap"] != 0))
     for start, end, (zone_id, pgmap, taint) in _grouped(
         seg,
         device,

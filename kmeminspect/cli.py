@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from . import audit as audit_mod
 from . import model
 from . import snapshot as snapshot_mod
 from .errors import KmemError, UsageError
-from .state import MEMMAP_NAMES, Snapshot
+from .state import MEMMAP_NAMES, MEMMAP_NOT_IN_DUMP, Snapshot
 
 SECTION_LETTERS = {
     "SECTION_MARKED_PRESENT": "P",
@@ -30,10 +31,13 @@ SECTION_LETTERS = {
 
 
 class Context:
-    def __init__(self, kind: str, location: str | None, vmlinux: str | None, as_json: bool) -> None:
+    def __init__(
+        self, kind: str, location: str | None, vmlinux: str | None, vmcoreinfo: str | None, as_json: bool
+    ) -> None:
         self.kind = kind
         self.location = location
         self.vmlinux = vmlinux
+        self.vmcoreinfo = vmcoreinfo
         self.as_json = as_json
         self.prog: Any = None  # the drgn Program once opened (None for --snapshot)
 
@@ -44,7 +48,7 @@ class Context:
         from .kernel import read_snapshot, terminal_progress
         from .target import open_target
 
-        self.prog, source = open_target(self.kind, self.location, self.vmlinux)
+        self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
         return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range)
 
     def page(self, snap: Snapshot, pfn: int) -> dict[str, Any] | None:
@@ -74,6 +78,9 @@ def fail(message: str) -> NoReturn:
 @click.option("--qemu", "qemu", metavar="QMP_SOCKET", help="A live QEMU guest through its QMP socket.")
 @click.option("--snapshot", "snapshot_file", metavar="FILE", help="A snapshot saved by 'kmeminspect snapshot'.")
 @click.option("--vmlinux", metavar="PATH", help="The kernel's vmlinux with DWARF (default: distro paths).")
+@click.option(
+    "--vmcoreinfo", metavar="FILE", help="VMCOREINFO data for a vmcore without it (dumped during early boot)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.version_option(package_name="kmeminspect")
 @click.pass_context
@@ -84,14 +91,17 @@ def main(
     qemu: str | None,
     snapshot_file: str | None,
     vmlinux: str | None,
+    vmcoreinfo: str | None,
     as_json: bool,
 ) -> None:
     """The truth about a Linux kernel's physical-memory bookkeeping during memory hotplug."""
+    # drgn's own warnings (e.g. its hint on flattened kdump files) would break "one line on stderr"
+    logging.getLogger("drgn").setLevel(logging.ERROR)
     chosen = [(k, v) for k, v in (("vmcore", vmcore), ("qemu", qemu), ("snapshot", snapshot_file)) if v]
     if len(chosen) > 1:
         fail("choose one target: --live, --vmcore, --qemu or --snapshot")
     kind, location = chosen[0] if chosen else ("live", None)
-    ctx.obj = Context(kind, location, vmlinux, as_json)
+    ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json)
 
 
 def _run(function: Callable[[], int | None]) -> None:
@@ -273,6 +283,13 @@ MARKS = [
 ]
 
 
+def _memmap_name(snap: Snapshot, memmap: int) -> str:
+    """What the reader could say about a memmap; mapped but unreadable means different things live."""
+    if memmap == MEMMAP_NOT_IN_DUMP and snap.source.get("kind") == "live":
+        return "not-readable-live"  # /proc/kcore does not map ZONE_DEVICE memory (drgn issue 27)
+    return MEMMAP_NAMES[memmap]
+
+
 def describe(snap: Snapshot, row: np.void) -> dict[str, Any]:
     layout = snap.layout
     zone_id = int(row["zone_id"])
@@ -290,7 +307,7 @@ def describe(snap: Snapshot, row: np.void) -> dict[str, Any]:
         "zone": layout.zone_names[zone_id] if 0 <= zone_id < len(layout.zone_names) else None,
         "zone_id": zone_id if zone_id >= 0 else None,
         "nid": int(row["nid"]) if row["nid"] >= 0 else None,
-        "memmap": MEMMAP_NAMES[int(row["memmap"])],
+        "memmap": _memmap_name(snap, int(row["memmap"])),
         "flags": [name for field, name in MARKS if row[field]],
         "pgmap": hex(int(row["pgmap"])) if row["pgmap"] else None,
         "block": int(row["block"]) if row["block"] >= 0 else None,

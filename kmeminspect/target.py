@@ -19,6 +19,10 @@ from .errors import TargetError
 EM_X86_64 = 62
 X86_64 = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
 KDUMP_SIGNATURE = b"KDUMP   "
+_NO_VMCOREINFO = (
+    "{path}: no VMCOREINFO in this dump (not a Linux kernel, dumped before the kernel published it, or a QEMU "
+    "guest without -device vmcoreinfo and qemu_fw_cfg): pass --vmcoreinfo FILE"
+)
 FLATTENED_SIGNATURE = b"makedumpfile"
 
 
@@ -98,19 +102,34 @@ def _release(prog: drgn.Program) -> str:
     return "unknown"
 
 
-def open_vmcore(path: Path, vmlinux: Path | None) -> drgn.Program:
+def open_vmcore(path: Path, vmlinux: Path | None, vmcoreinfo: Path | None = None) -> drgn.Program:
+    """Open a vmcore; ``vmcoreinfo`` overrides the dump's own note (dumps taken during early boot,
+    before the kernel published it, have none)."""
     fmt = _check_vmcore_file(path)
+    info = None
+    if vmcoreinfo is not None:
+        try:
+            info = vmcoreinfo.read_bytes()
+        except OSError as error:
+            raise TargetError(f"--vmcoreinfo {vmcoreinfo}: {error.strerror or error}") from None
+        if b"OSRELEASE=" not in info:
+            raise TargetError(f"--vmcoreinfo {vmcoreinfo}: not VMCOREINFO data (no OSRELEASE= line)")
     # QEMU's kdump header says machine "Unknown", so libkdumpfile cannot tell the architecture: the file
     # checks above established x86_64 for ELF; kdump dumps are opened as x86_64 too (the only one supported).
-    prog = drgn.Program(X86_64) if fmt != "elf" else drgn.Program()
+    if fmt != "elf" or info is not None:
+        prog = drgn.Program(X86_64, vmcoreinfo=info)
+    else:
+        prog = drgn.Program()
     try:
         prog.set_core_dump(str(path))
     except OSError as error:
         raise TargetError(f"{path}: cannot open vmcore: {error.strerror or error}") from None
     except Exception as error:  # noqa: BLE001 - libkdumpfile raises plain Exception
+        if "vmcoreinfo" in str(error).lower():
+            raise TargetError(_NO_VMCOREINFO.format(path=path)) from None
         raise TargetError(f"{path}: cannot open {fmt} vmcore: {error}") from None
     if not (prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL):
-        raise TargetError(f"{path}: a core dump, but not of a Linux kernel (no vmcoreinfo)")
+        raise TargetError(_NO_VMCOREINFO.format(path=path))
     _load_debug_info(prog, vmlinux, f"the kernel in {path}")
     return prog
 
@@ -163,12 +182,17 @@ def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
     return prog
 
 
-def open_target(kind: str, location: str | None, vmlinux: str | None) -> tuple[drgn.Program, dict[str, object]]:
+def open_target(
+    kind: str, location: str | None, vmlinux: str | None, vmcoreinfo: str | None = None
+) -> tuple[drgn.Program, dict[str, object]]:
     """Open a target; return the program and a description of the source for snapshots."""
     vmlinux_path = Path(vmlinux) if vmlinux else None
+    if vmcoreinfo and kind != "vmcore":
+        raise TargetError("--vmcoreinfo goes with --vmcore")
     if kind == "vmcore":
         assert location is not None
-        return open_vmcore(Path(location), vmlinux_path), {"kind": "vmcore", "path": location}
+        info = Path(vmcoreinfo) if vmcoreinfo else None
+        return open_vmcore(Path(location), vmlinux_path, info), {"kind": "vmcore", "path": location}
     if kind == "qemu":
         assert location is not None
         return open_qemu(location, vmlinux_path), {"kind": "qemu", "path": location}

@@ -12,11 +12,10 @@ from pathlib import Path
 import drgn
 import numpy as np
 import pytest
-from conftest import GENERATIONS, get_kernel
+from conftest import GENERATIONS, IN_GUEST_SCENARIOS, get_kernel
 from drgn import offsetof
 from drgn.helpers.linux.mm import follow_phys
 from vmfixtures import truth
-from vmfixtures.scenarios import SCENARIOS
 
 from kmeminspect import audit, model
 from kmeminspect.kernel import read_snapshot
@@ -32,7 +31,7 @@ def read(path: Path, vmlinux: Path) -> tuple[drgn.Program, Snapshot]:
     return prog, read_snapshot(prog, {"kind": "vmcore", "path": str(path)})
 
 
-@pytest.mark.parametrize("case", [pytest.param((g, s), id=f"{g}-{s}") for g in GENERATIONS for s in SCENARIOS])
+@pytest.mark.parametrize("case", [pytest.param((g, s), id=f"{g}-{s}") for g in GENERATIONS for s in IN_GUEST_SCENARIOS])
 def test_clean_fixture_has_only_the_known_oddity(
     case: tuple[str, str], captured: Callable[[str, str], truth.Capture]
 ) -> None:
@@ -43,13 +42,17 @@ def test_clean_fixture_has_only_the_known_oddity(
     _, snap = read(capture.kdump, get_kernel(generation).vmlinux)
     findings = audit.audit(snap)
     errors = [f for f in findings if f.severity == audit.ERROR]
-    assert errors, "the zone-id oddity of stock kernels must be reported"
     max_zones = len(snap.layout.zone_names)
     boot_zone_end = max(
         z.start_pfn + z.spanned
         for z in snap.zones
         if z.spanned and z.name != "Device" and z.name != "Movable" and z.name != "Normal"
     )
+    # the oddity needs reserved pfns past the last boot zone's end in its last section. Where DMA32 ends
+    # at 4 GiB because more boot memory follows (big-blocks), memmap_init() gives that e820 hole the zone
+    # of the next memory range instead (Normal: a reserved page outside its zone's span, a warning)
+    if boot_zone_end % snap.layout.pages_per_section:
+        assert errors, "the zone-id oddity of stock kernels must be reported"
     for f in errors:
         assert f.rule == "online-memmap-not-sane", f
         assert f.evidence["zone_id"] == max_zones, f
@@ -108,7 +111,7 @@ class Injector:
             f.write((value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
 
 
-@pytest.fixture(params=["6.1", "6.12"])
+@pytest.fixture(params=GENERATIONS)
 def corrupt(
     request: pytest.FixtureRequest, captured: Callable[[str, str], truth.Capture], tmp_path: Path
 ) -> Callable[[str, Callable[[Injector, Snapshot, drgn.Program], None]], tuple[Snapshot, list[audit.Finding]]]:

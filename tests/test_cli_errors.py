@@ -186,3 +186,15 @@ def test_doctor_reports_this_machine() -> None:
     assert checks["/proc/kcore"]["ok"] == os.path.exists("/proc/kcore")
     assert checks["root"]["ok"] == (os.geteuid() == 0)
     assert all((c["fix"] is None) == c["ok"] for c in checks.values())
+
+
+def test_vmcoreinfo_needs_vmcore(tmp_path: Path) -> None:
+    assert_one_line_error(kmem("--qemu", str(tmp_path / "q"), "--vmcoreinfo", "x", "sections"), "goes with --vmcore")
+
+
+def test_vmcoreinfo_not_vmcoreinfo(tmp_path: Path) -> None:
+    core = tmp_path / "vmcore"
+    core.write_bytes(elf_core(62, 4096))
+    info = tmp_path / "info"
+    info.write_text("hello\n")
+    assert_one_line_error(kmem("--vmcore", str(core), "--vmcoreinfo", str(info), "sections"), "not VMCOREINFO")

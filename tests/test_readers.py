@@ -11,6 +11,7 @@ import gzip
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,9 @@ from typing import Any
 import drgn
 import numpy as np
 import pytest
-from conftest import GENERATIONS, get_kernel, missing_prerequisite
+from conftest import GENERATIONS, IN_GUEST_SCENARIOS, get_kernel, missing_prerequisite
 from drgn.helpers.linux.mmzone import decode_section_flags, for_each_present_section
 from vmfixtures import truth
-from vmfixtures.scenarios import SCENARIOS
 
 from kmeminspect import model
 from kmeminspect.kernel import read_snapshot
@@ -30,7 +30,7 @@ from kmeminspect.target import open_vmcore
 
 pytestmark = pytest.mark.vm
 
-CASES = [pytest.param((g, s), id=f"{g}-{s}") for g in GENERATIONS for s in SCENARIOS]
+CASES = [pytest.param((g, s), id=f"{g}-{s}") for g in GENERATIONS for s in IN_GUEST_SCENARIOS]
 
 
 class Read:
@@ -109,7 +109,8 @@ def test_blocks_match_sysfs(read: Read) -> None:
     for block_id, expected in sysfs.items():
         block = ours[block_id]
         assert block.state == expected["state"], block_id
-        assert block.start_pfn == expected["phys_index"] * read.snapshot.layout.pages_per_section
+        # phys_index is the block id (start_section_nr / sections_per_block), not a section number
+        assert block.start_pfn == expected["phys_index"] * (read.truth["block_size"] >> read.snapshot.layout.page_shift)
         if expected["node"] is not None:
             assert block.nid == expected["node"]
         if block.state == "online":
@@ -244,3 +245,43 @@ def test_single_page_decode_matches_kpageflags(read: Read) -> None:
         assert ("PG_reserved" in page["flags"]) == bool(kernel >> KPF_RESERVED & 1), pfn
         assert (page["page_type"] == "offline") == bool(kernel >> truth.KPF_OFFLINE & 1), pfn
     assert offline, "virtio-mem-partial has PageOffline pages"
+
+
+def test_mismatched_vmlinux_names_the_build_id(captured: Callable[[str, str], truth.Capture]) -> None:
+    """A real dump with another kernel's vmlinux: one line naming the build id it needed, exit 2."""
+    capture = captured("6.1", "boot")
+    wrong = get_kernel("6.12").vmlinux
+    result = subprocess.run(
+        [sys.executable, "-m", "kmeminspect", "--vmcore", str(capture.kdump), "--vmlinux", str(wrong), "sections"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "does not match" in lines[0] and "build id" in lines[0], lines[0]
+    expected = open_vmcore(capture.kdump, get_kernel("6.1").vmlinux).main_module().build_id
+    assert expected is not None and expected.hex() in lines[0]
+
+
+def test_truncated_real_vmcore(captured: Callable[[str, str], truth.Capture], tmp_path: Path) -> None:
+    capture = captured("6.1", "boot")
+    cut = tmp_path / "vmcore.elf"
+    with open(capture.elf, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(64 << 20))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kmeminspect",
+            "--vmcore",
+            str(cut),
+            "--vmlinux",
+            str(get_kernel("6.1").vmlinux),
+            "audit",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "truncated" in result.stderr and "Traceback" not in result.stderr

@@ -56,7 +56,7 @@ def read_snapshot(
     pagemaps = read_pagemaps(prog, layout)
     nodes, zones = read_nodes_and_zones(prog)
     blocks = read_blocks(prog, layout)
-    reader = MemmapReader(prog, layout, fmt, pagemaps)
+    reader = MemmapReader(prog, layout, fmt)
     parts = []
     for i, section in enumerate(sections):
         end = section.start_pfn + section.nr_pages

@@ -21,7 +21,6 @@ from ..state import (
     MEMMAP_READ,
     MEMMAP_UNMAPPED,
     Layout,
-    Pagemap,
     Section,
     merge_runs,
     runs_from_arrays,
@@ -58,14 +57,13 @@ def valid_subsection_runs(section: Section, layout: Layout) -> Iterator[tuple[in
 class MemmapReader:
     """Reads and decodes struct pages of one kernel."""
 
-    def __init__(self, prog: Program, layout: Layout, fmt: PageFormat, pagemaps: list[Pagemap]) -> None:
+    def __init__(self, prog: Program, layout: Layout, fmt: PageFormat) -> None:
         self.prog = prog
         self.layout = layout
         self.fmt = fmt
         self.words = fmt.size // 8
         self.pages_per_vmemmap_page = (1 << layout.page_shift) // fmt.size
         self._init_mm: drgn.Object | None = None
-        self.pagemap_addresses = {p.address for p in pagemaps}
 
     # -- raw reads -------------------------------------------------------------------------------
     def _classify_fault(self, address: int) -> int:
@@ -202,6 +200,10 @@ class MemmapReader:
             head_index = (head_address - np.uint64(first_address)).view(np.int64) // size
             inside = tail & (head_index >= 0) & (head_index < n)
             result[inside] = pgmap_words[head_index[inside]]
+            # pages initialized by memmap_init_range() but never given a pgmap (the altmap's free part,
+            # which holds the device's own memmap) keep INIT_LIST_HEAD(&page->lru): a pointer to itself
+            own_field = page_addresses + np.uint64(fmt.pgmap_offset)
+            result[~tail & (result == own_field)] = 0
             for i in np.flatnonzero(tail & ~inside).tolist():
                 try:
                     raw = self.prog.read(int(head_address[i]) + fmt.pgmap_offset, 8)

@@ -12,25 +12,36 @@ Built in two cached steps (``$KMEMINSPECT_CACHE/rootfs/``):
 ``base-<fp>/``
     debootstrap ``--variant=minbase`` of bookworm plus ``PACKAGES`` (bookworm packages only), keyed by
     suite, package list and mirror. About a minute; built once.
+``wheels-<fp>/``
+    kmeminspect's Python dependencies (``pyproject.toml``, pinned to the versions installed on the host)
+    as wheels for the guest's python3 (``pip download --only-binary``), fetched once.
 ``<release>-<fp>.ext4``, ``<release>-<fp>.initrd``
-    the base plus the kernel's modules tree (``depmod`` run in a chroot) and its ``linux-headers``
-    packages unpacked with ``dpkg-deb -x`` (not installed: they depend on packages of newer suites),
+    the base plus the kernel's modules tree (``depmod`` run in a chroot), its ``linux-headers``
+    packages unpacked with ``dpkg-deb -x`` (not installed: they depend on packages of newer suites) and
+    the wheels installed with ``pip install --target /usr/local/lib/python3.X/dist-packages``,
     assembled from hard links (the base and the kernel cache are only read) and written with
-    ``mke2fs -d``; plus the stage-1 initramfs. Keyed by the base, the kernel version and the guest
-    scripts; images of older inputs are deleted.
+    ``mke2fs -d``; plus the stage-1 initramfs. Keyed by the base, the kernel version, the wheels and
+    the guest scripts; images of older inputs are deleted.
+
+kmeminspect's own code and the kernel's vmlinux are not in the image: ``RootfsGuest(shares=...)`` exports
+host directories read-only over virtio-9p, mounted at ``/mnt/<tag>``; the image's ``kmeminspect``
+command runs the code of the share tagged ``kmeminspect`` (``KMEMINSPECT_SHARE``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from .cache import cache_dir, locked, log
@@ -56,13 +67,23 @@ IMAGE_FILES = {
     "usr/local/sbin/kmi-init": ROOTFS_GUEST_DIR / "init",
     "usr/local/sbin/kmi-agent": GUEST_DIR / "agent",
     "usr/local/bin/loadmod": ROOTFS_GUEST_DIR / "loadmod",
+    "usr/local/bin/kmeminspect": ROOTFS_GUEST_DIR / "kmeminspect",
 }
+#: the 9p share whose tree holds ``kmeminspect/`` (the source checkout): the image's ``kmeminspect`` runs it
+KMEMINSPECT_SHARE = "kmeminspect"
+#: where kmeminspect's dependencies come from: its own project file
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+#: glibc of bookworm (2.36): wheels of any manylinux up to it run in the guest
+GUEST_GLIBC_MINOR = 36
+#: numpy 2.4's wheels need x86-64-v2 (SSE4.2, POPCNT): QEMU's default TCG CPU (qemu64) lacks it, so a guest
+#: sharing kmeminspect gets qemu64 plus the v2 features (``-cpu`` in qemu_args takes precedence)
+KMEMINSPECT_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
 #: loaded by the stage-1 initramfs so the kernel can mount its root disk; 6.1 and 6.12 ext4 ask the crypto API
 #: for "crc32c" at every mount (7.x ext4 calls the crc32c library, built in, and has no crc32c_generic)
 STAGE1_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]
 STAGE1_OPTIONAL = {"crc32c_generic"}
 #: bump when the way images are assembled changes
-IMAGE_FORMAT = 1
+IMAGE_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +163,88 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def guest_requirements() -> list[str]:
+    """kmeminspect's runtime dependencies, each pinned to the version installed here when it is.
+
+    The guest then reads with the same drgn as the host, and the wheel set (and so the image) only
+    changes when the host's does.
+    """
+    dependencies: list[str] = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    requirements = []
+    for dependency in dependencies:
+        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", dependency)
+        if not match:
+            raise RuntimeError(f"{PYPROJECT}: cannot parse dependency {dependency!r}")
+        try:
+            requirements.append(f"{match.group()}=={importlib.metadata.version(match.group())}")
+        except importlib.metadata.PackageNotFoundError:
+            requirements.append(dependency)
+    return sorted(requirements)
+
+
+def guest_python(base: Path) -> str:
+    """The base's python3 version, e.g. ``3.11``."""
+    versions = sorted(
+        p.name[len("python") :] for p in (base / "usr/bin").glob("python3.*") if re.fullmatch(r"python3\.\d+", p.name)
+    )
+    if len(versions) != 1:
+        raise RuntimeError(f"{base}: expected one python3.X, found {versions}")
+    return versions[0]
+
+
+def _pip_target_options(python: str) -> list[str]:
+    """pip options selecting binary wheels for the guest's CPython on x86_64 glibc."""
+    platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(GUEST_GLIBC_MINOR, 16, -1)]
+    platforms += ["manylinux2014_x86_64"]
+    abi = "cp" + python.replace(".", "")
+    options = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp", "--abi", abi]
+    for platform in platforms:
+        options += ["--platform", platform]
+    return options
+
+
+def guest_wheels(python: str) -> list[Path]:
+    """The wheels of ``guest_requirements()`` for the guest's python, downloaded once into the cache."""
+    requirements = guest_requirements()
+    key = hashlib.sha256(json.dumps([python, requirements, GUEST_GLIBC_MINOR]).encode()).hexdigest()[:16]
+    out = cache_dir() / "rootfs" / f"wheels-{key}"
+    with locked("rootfs-wheels"):
+        if not (out / ".kmi-complete").is_file():
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log(f"rootfs: pip download {' '.join(requirements)} (python {python})")
+            _run(
+                [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(tmp)]
+                + _pip_target_options(python)
+                + requirements
+            )
+            (tmp / ".kmi-complete").write_text(json.dumps(requirements))
+            tmp.rename(out)
+            for stale in out.parent.glob("wheels-*"):
+                if stale != out and (stale / ".kmi-complete").is_file():
+                    shutil.rmtree(stale)
+    return sorted(out.glob("*.whl"))
+
+
+def _install_wheels(root: Path, python: str, wheels: list[Path]) -> None:
+    """Install wheels into the image's ``/usr/local/lib/python3.X/dist-packages`` (on python3's path)."""
+    target = root / f"usr/local/lib/python{python}/dist-packages"
+    _run(
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps"]
+        + ["--target", str(target)]
+        + _pip_target_options(python)
+        + [str(wheel) for wheel in wheels]
+    )
+    # console scripts would name the host's python; the test suites are dead weight
+    shutil.rmtree(target / "bin", ignore_errors=True)
+    for tests in sorted(target.glob("numpy/**/tests"), reverse=True):
+        shutil.rmtree(tests, ignore_errors=True)
+
+
 def _image_fingerprint(kernel: Kernel, base: Path) -> str:
     h = hashlib.sha256(f"{base.name} {kernel.release} {kernel.version} {IMAGE_FORMAT}".encode())
+    for wheel in guest_wheels(guest_python(base)):
+        h.update(f"{wheel.name} {wheel.stat().st_size}".encode())
     for path in [*IMAGE_FILES.values(), ROOTFS_GUEST_DIR / "stage1", GUEST_DIR / "loadmod"]:
         h.update(path.read_bytes())
     h.update(" ".join(STAGE1_MODULES).encode())
@@ -216,6 +317,8 @@ def _build_image(kernel: Kernel, base: Path, image: Path) -> None:
             raise RuntimeError(f"{kernel.release}: expected linux-headers and -common in the cache, have {debs}")
         for deb in debs:
             _unpack_deb(deb, root)
+        python = guest_python(base)
+        _install_wheels(root, python, guest_wheels(python))
         build = os.readlink(modules / "build")  # 6.1: absolute; 6.12, 7.x: relative
         if not (root / build.lstrip("/") if build.startswith("/") else modules / build).is_dir():
             raise RuntimeError(f"{kernel.release}: headers missing in the image, build -> {build}")
@@ -285,6 +388,11 @@ class RootfsGuest(Guest):
 
     Same QMP socket, control channel, memory and QEMU options, so scenario setups run unchanged
     (``loadmod`` is ``modprobe`` here). The disk is attached ``readonly=on``: guests may share it.
+
+    ``shares`` maps a 9p mount tag to a host directory: each is exported read-only (``-virtfs local,
+    security_model=none,readonly=on``) and mounted at ``/mnt/<tag>`` once the guest is up, e.g.
+    ``{"kmeminspect": checkout, "vmlinux": kernel.directory}`` for the image's ``kmeminspect`` command
+    (such a guest runs on an x86-64-v2 CPU, ``KMEMINSPECT_CPU``, for the numpy wheels).
     """
 
     def __init__(
@@ -295,11 +403,18 @@ class RootfsGuest(Guest):
         memory: Memory | None = None,
         workdir: Path | None = None,
         smp: int = 1,
+        shares: dict[str, Path] | None = None,
     ) -> None:
         root = ["root=/dev/vda", "ro", f"init={INIT}"]
         super().__init__(kernel, root + (cmdline or []), qemu_args, memory or Memory(), workdir, smp)
         self.rootfs: Rootfs | None = None
         self.boot_seconds = 0.0
+        self.shares = dict(shares or {})
+        for tag, path in self.shares.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,31}", tag):
+                raise ValueError(f"9p mount tag {tag!r}: use 1 to 31 letters, digits, '-' or '_'")
+            if not Path(path).is_dir():
+                raise ValueError(f"share {tag}: {path} is not a directory")
 
     def initrd(self) -> Path:
         return self._rootfs().initrd
@@ -311,13 +426,34 @@ class RootfsGuest(Guest):
 
     def qemu_command(self) -> list[str]:
         drive = f"file={self._rootfs().image},if=none,id=kmiroot,format=raw,readonly=on"
-        return super().qemu_command() + ["-drive", drive, "-device", "virtio-blk-pci,drive=kmiroot"]
+        command = super().qemu_command() + ["-drive", drive, "-device", "virtio-blk-pci,drive=kmiroot"]
+        for tag, path in self.shares.items():
+            escaped = str(Path(path).resolve()).replace(",", ",,")  # QEMU option syntax
+            command += ["-virtfs", f"local,path={escaped},mount_tag={tag},security_model=none,readonly=on"]
+        if KMEMINSPECT_SHARE in self.shares and "-cpu" not in self.qemu_args:
+            command += ["-cpu", KMEMINSPECT_CPU]
+        return command
+
+    def mount_shares(self) -> None:
+        """Mount every share at ``/mnt/<tag>`` (read-only; /mnt becomes a tmpfs: the root disk is read-only)."""
+        if not self.shares:
+            return
+        lines = ["set -e", "modprobe -a 9pnet_virtio 9p", "mountpoint -q /mnt || mount -t tmpfs -o mode=755 kmi /mnt"]
+        for tag in self.shares:
+            # cache=loose: the host side does not change while the guest runs; reading a vmlinux through the
+            # page cache is far faster than a 9p round trip per read
+            lines += [
+                f"mkdir -p /mnt/{tag}",
+                f"mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=524288,cache=loose {tag} /mnt/{tag}",
+            ]
+        self.run("\n".join(lines), timeout=60)
 
     def start(self, timeout: float = 180.0) -> RootfsGuest:
         self._rootfs()  # build outside the boot timing
         start = time.monotonic()
         try:
             super().start(timeout)
+            self.mount_shares()
         except (OSError, GuestError) as error:
             console = self.console()  # before kill() removes the workdir
             self.kill()
@@ -329,7 +465,13 @@ class RootfsGuest(Guest):
         return self.start()
 
 
-def rootfs_guest(scenario_name: str, kernel: Kernel, workdir: Path | None = None, smp: int = 1) -> RootfsGuest:
+def rootfs_guest(
+    scenario_name: str,
+    kernel: Kernel,
+    workdir: Path | None = None,
+    smp: int = 1,
+    shares: dict[str, Path] | None = None,
+) -> RootfsGuest:
     """A not yet started rootfs guest set up like scenario ``scenario_name`` (start it, then run its setup)."""
     from .scenarios import SCENARIOS, ScenarioUnsupported
 
@@ -337,4 +479,6 @@ def rootfs_guest(scenario_name: str, kernel: Kernel, workdir: Path | None = None
     reason = scenario.unsupported(kernel)
     if reason:
         raise ScenarioUnsupported(f"{scenario.name} on {kernel.release}: {reason}")
-    return RootfsGuest(kernel, list(scenario.cmdline), list(scenario.qemu_args), scenario.memory, workdir, smp=smp)
+    return RootfsGuest(
+        kernel, list(scenario.cmdline), list(scenario.qemu_args), scenario.memory, workdir, smp=smp, shares=shares
+    )

@@ -3,6 +3,8 @@
 Each scenario says how to start the guest (memory layout, kernel command line, QEMU devices) and how to
 bring it, once booted, into its state. Every scenario sets ``memhp_default_state=`` explicitly: 6.1
 leaves hotplugged memory offline by default, Debian's 6.12 onlines it into ZONE_NORMAL by itself.
+A scenario with ``stop_at`` is a state of the boot itself: the guest is stopped at that kernel function
+(gdbstub.py) and captured there, before any user space runs (truth.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .download import Kernel
 from .vm import Guest, GuestError, Memory
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 #: the DIMM hotplugged by the DIMM scenarios: QEMU id and size
 DIMM_ID = "dimm0"
@@ -36,9 +39,13 @@ class Scenario:
     qemu_args: tuple[str, ...] = ()
     #: return a reason when ``kernel`` cannot reach the state, else None
     unsupported: Callable[[Kernel], str | None] = lambda kernel: None
+    #: a kernel function: the state is the boot stopped at its entry (needs ``nokaslr``); ``setup`` then
+    #: runs once the guest has booted on
+    stop_at: str | None = None
 
     def guest(self, kernel: Kernel, workdir: Path | None = None) -> Guest:
-        """A busybox guest, not yet started, set up to boot into this scenario."""
+        """A busybox guest, not yet started, set up to boot into this scenario. With ``stop_at`` it
+        starts frozen, with a gdbstub: use ``launch()``, not ``start()`` (see truth.py)."""
         reason = self.unsupported(kernel)
         if reason:
             raise ScenarioUnsupported(f"{self.name} on {kernel.release}: {reason}")
@@ -48,6 +55,7 @@ class Scenario:
             qemu_args=list(self.qemu_args),
             memory=self.memory,
             workdir=workdir,
+            gdb=self.stop_at is not None,
         )
 
 
@@ -232,8 +240,33 @@ def _hugetlb_hvo(guest: Guest) -> None:
 
 HUGETLB_PAGES = 64
 
+#: big-blocks: boot memory ends at 66 GiB, but only 2 GiB of it exist. x86 picks 2 GiB memory blocks in a
+#: guest whose boot memory ends at or above 64 GiB (probe_memory_block_size(): the largest block up to
+#: 2 GiB that divides the end). QEMU's RAM stays at 1 GiB; the high part is a cold-plugged 1 GiB pc-dimm at
+#: 65 GiB that ``memmap=1G@65G`` declares boot RAM (e820), as firmware does with DIMMs present at boot. So
+#: the guest never touches 64 GiB, it inits struct pages for 2 GiB only, and dumps hold 2 GiB, not 66.
+BIG_BLOCK_SIZE = 2 * GiB
+BIG_HIGH_START = 65 * GiB
+BIG_HIGH_SIZE = 1 * GiB
+BIG_END = BIG_HIGH_START + BIG_HIGH_SIZE
+
+
+def _big_blocks(guest: Guest) -> None:
+    size = int(guest.run("cat /sys/devices/system/memory/block_size_bytes").text, 16)
+    if size != BIG_BLOCK_SIZE:
+        raise GuestError(f"expected {BIG_BLOCK_SIZE >> 20} MiB memory blocks, have {size >> 20} MiB")
+
+
+#: early-boot: deferred struct page init defers the highest zone of each node past its first section's
+#: worth of pages; deferred_init_memmap() (the pgdatinit kthread) takes the range and resets
+#: NODE_DATA(nid)->first_deferred_pfn to ULONG_MAX *before* initializing anything (6.1, 6.12 and 7.3 alike,
+#: seen in their disassembly). Its entry is the last moment at which the kernel records what is deferred.
+EARLY_BOOT_STOP = "deferred_init_memmap"
+
 _DIMM_MEMORY = Memory(boot_mb=1024, slots=4, maxmem_mb=4096)
 _PMEM_MEMORY = Memory(boot_mb=2048, slots=2, maxmem_mb=4096)
+#: QEMU's device-memory area starts at 4 GiB and spans maxmem - boot + 1 GiB per slot: up to 70 GiB here
+_BIG_MEMORY = Memory(boot_mb=1024, slots=1, maxmem_mb=BIG_END >> 20)
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -329,6 +362,30 @@ SCENARIOS: dict[str, Scenario] = {
                 f"hugepages={HUGETLB_PAGES}",
             ),
             memory=_DIMM_MEMORY,
+        ),
+        Scenario(
+            "big-blocks",
+            "boot memory ends at 66 GiB with 2 GiB present (1 GiB low, 1 GiB at 65 GiB): 2 GiB memory blocks",
+            _big_blocks,
+            cmdline=(
+                "memhp_default_state=offline",
+                f"memmap={BIG_HIGH_SIZE >> 30}G@{BIG_HIGH_START >> 30}G",
+            ),
+            memory=_BIG_MEMORY,
+            qemu_args=(
+                "-object",
+                f"memory-backend-ram,id=high-mem,size={BIG_HIGH_SIZE}",
+                "-device",
+                f"pc-dimm,id=high,memdev=high-mem,addr={BIG_HIGH_START}",
+            ),
+        ),  # fmt: skip
+        Scenario(
+            "early-boot",
+            f"2 GiB guest stopped at {EARLY_BOOT_STOP}(): deferred struct page init not begun",
+            _boot,
+            cmdline=("memhp_default_state=offline", "nokaslr"),
+            memory=Memory(boot_mb=2048, slots=1, maxmem_mb=4096),
+            stop_at=EARLY_BOOT_STOP,
         ),
     ]
 }

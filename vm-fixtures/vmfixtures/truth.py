@@ -8,6 +8,14 @@ A capture directory holds::
     vmcore.kdump      QEMU dump-guest-memory, flattened kdump-zlib
     console.log       the guest's serial console
 
+A scenario stopped during boot (``Scenario.stop_at``: ``early-boot``) has no user space at its moment, so
+no kpageflags or sysfs truth. Its truth is the kernel's node and zone bookkeeping read through QEMU's
+gdbstub at the stop (``stop``, ``first_deferred_pfn``, ``zones``, ...), the dumps taken there, and from
+the same boot once it went on: release, command line, ``after_boot`` (what deferred init reported) and::
+
+    vmcoreinfo        the boot's VMCOREINFO note data: the dumps lack it (the kernel builds it in an
+                      initcall and qemu_fw_cfg hands it to QEMU, both later than the stop)
+
 Captures are cached under ``$KMEMINSPECT_CACHE/captures/<release>/<scenario>`` and reused while the
 kernel version and the test bed's code are unchanged.
 """
@@ -21,17 +29,21 @@ import json
 import mmap
 import re
 import shutil
+import struct
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import drgn
 import numpy as np
 
 from .cache import cache_dir, locked, log
 from .download import Kernel
+from .gdbstub import GdbStub, kernel_debug_info, read_through
 from .oracle import pfn_to_online_page_ranges
 from .rootfs import rootfs_guest
-from .scenarios import SCENARIOS
+from .scenarios import SCENARIOS, Scenario
 from .vm import Guest
 
 #: /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h: a stable user-space ABI)
@@ -69,6 +81,11 @@ class Capture:
 
     def kpageflags(self) -> bytes:
         return gzip.decompress((self.directory / "kpageflags.gz").read_bytes())
+
+    def vmcoreinfo(self) -> bytes | None:
+        """The boot's VMCOREINFO, kept beside dumps taken before the guest published it (else None)."""
+        path = self.directory / "vmcoreinfo"
+        return path.read_bytes() if path.is_file() else None
 
     def online(self) -> np.ndarray | None:
         """pfn_to_online_page() != NULL for every pfn the kernel walked, or None without an oracle."""
@@ -183,6 +200,109 @@ def kpageflags_reports_nopage(kernel: Kernel) -> bool:
     return not has_kpage_read
 
 
+def elf_notes(path: Path) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, descriptor) of every note in an ELF core's PT_NOTE segments."""
+    notes = []
+    with open(path, "rb") as f:
+        head = f.read(64)
+        phoff = struct.unpack_from("<Q", head, 32)[0]
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if p_type != 4:  # PT_NOTE
+                continue
+            f.seek(p_offset)
+            data = f.read(p_filesz)
+            pos = 0
+            while pos + 12 <= len(data):
+                namesz, descsz, note_type = struct.unpack_from("<III", data, pos)
+                desc = pos + 12 + ((namesz + 3) & ~3)
+                notes.append((data[pos + 12 : pos + 12 + namesz].rstrip(b"\0"), note_type, data[desc : desc + descsz]))
+                pos = desc + ((descsz + 3) & ~3)
+    return notes
+
+
+def published_vmcoreinfo(guest: Guest, work: Path) -> bytes:
+    """The VMCOREINFO the guest handed to QEMU (``-device vmcoreinfo``), from a one-page ELF dump."""
+    page = work / "vmcoreinfo.elf"
+    guest.execute("dump-guest-memory", paging=False, protocol=f"file:{page}", begin=0, length=4096)
+    try:
+        notes = elf_notes(page)
+    finally:
+        page.unlink()
+    for name, _, desc in notes:
+        if name == b"VMCOREINFO":
+            return desc
+    raise RuntimeError("the guest published no VMCOREINFO (qemu_fw_cfg not loaded?)")
+
+
+def node_bookkeeping(prog: drgn.Program) -> dict[str, Any]:
+    """Node 0's span, deferred init mark and zones, and max_pfn, as the kernel holds them."""
+    pgdat = prog["node_data"][0]
+    zones = []
+    for zone in pgdat.node_zones:
+        zones.append(
+            {
+                "node": 0,
+                "zone": zone.name.string_().decode(),
+                "start_pfn": zone.zone_start_pfn.value_(),
+                "spanned": zone.spanned_pages.value_(),
+                "present": zone.present_pages.value_(),
+            }
+        )
+    return {
+        "first_deferred_pfn": pgdat.first_deferred_pfn.value_(),
+        "node_start_pfn": pgdat.node_start_pfn.value_(),
+        "node_spanned_pages": pgdat.node_spanned_pages.value_(),
+        "max_pfn": prog["max_pfn"].value_(),
+        "zones": zones,
+    }
+
+
+def _write_dumps(guest: Guest, work: Path) -> None:
+    guest.dump(work / "vmcore.elf", "elf")
+    # zero pages need no disk: ELF dumps of a mostly idle guest are mostly zeros
+    subprocess.run(["fallocate", "--dig-holes", str(work / "vmcore.elf")], check=False)
+    guest.dump(work / "vmcore.kdump", "kdump-zlib")
+
+
+def _capture_stopped(guest: Guest, kernel: Kernel, scenario: Scenario, work: Path, dumps: bool) -> dict[str, Any]:
+    """Stop the booting guest at ``scenario.stop_at``, read its bookkeeping and dump it there; then let it
+    boot on for what only a booted guest tells (release, command line, its VMCOREINFO)."""
+    assert scenario.stop_at is not None and guest.gdb_path is not None
+    prog = kernel_debug_info(kernel.vmlinux)
+    address = prog.symbol(scenario.stop_at).address
+    guest.launch()
+    launched = time.monotonic()
+    with GdbStub(guest.gdb_path) as stub:
+        stub.set_breakpoint(address)
+        stub.run_until_stop(timeout=300)
+        pc = stub.pc()
+        if pc != address:
+            raise RuntimeError(f"the guest stopped at {pc:#x}, not at {scenario.stop_at} ({address:#x})")
+        log(f"stopped at {scenario.stop_at} {time.monotonic() - launched:.1f}s after launch")
+        truth: dict[str, Any] = {"format": FORMAT_VERSION}
+        truth["stop"] = {"function": scenario.stop_at, "address": address, "pc": pc}
+        read_through(prog, stub)
+        truth.update(node_bookkeeping(prog))
+        if dumps:
+            _write_dumps(guest, work)
+        stub.remove_breakpoint(address)
+        stub.detach()
+    guest.wait_for_agent()
+    scenario.setup(guest)
+    (work / "vmcoreinfo").write_bytes(published_vmcoreinfo(guest, work))
+    truth["release"] = guest.run("uname -r").text.strip()
+    truth["cmdline"] = guest.run("cat /proc/cmdline").text.strip()
+    truth["after_boot"] = {
+        "deferred_init": guest.run("dmesg | grep 'deferred pages initialised' || true").text.strip(),
+        "zoneinfo": parse_zoneinfo(guest.run("cat /proc/zoneinfo").text),
+    }
+    return truth
+
+
 def capture(kernel: Kernel, scenario_name: str, dumps: bool = True, refresh: bool = False) -> Capture:
     """Bring a scenario up on kernel, record truth and dumps; reuse the cached capture if current."""
     with locked(f"capture-{kernel.release}-{scenario_name}"):
@@ -202,12 +322,16 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"capturing {scenario_name} on {kernel.release}")
-    use_bcc = not kpageflags_reports_nopage(kernel)
+    use_bcc = scenario.stop_at is None and not kpageflags_reports_nopage(kernel)
     guest = rootfs_guest(scenario_name, kernel, work / "guest") if use_bcc else scenario.guest(kernel, work / "guest")
     try:
-        guest.start()
-        scenario.setup(guest)
-        truth, kpageflags = collect_truth(guest)
+        if scenario.stop_at is not None:
+            truth = _capture_stopped(guest, kernel, scenario, work, dumps)
+        else:
+            guest.start()
+            scenario.setup(guest)
+            truth, kpageflags = collect_truth(guest)
+            (work / "kpageflags.gz").write_bytes(kpageflags)
         if use_bcc:
             # the same walk, with an fexit on pfn_to_online_page() recording every answer
             answers = pfn_to_online_page_ranges(guest, mode="fexit")
@@ -219,12 +343,8 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
         truth["scenario"] = scenario_name
         truth["generation"] = kernel.generation
         truth["kernel_version"] = kernel.version
-        (work / "kpageflags.gz").write_bytes(kpageflags)
-        if dumps:
-            guest.dump(work / "vmcore.elf", "elf")
-            # zero pages need no disk: ELF dumps of a mostly idle guest are mostly zeros
-            subprocess.run(["fallocate", "--dig-holes", str(work / "vmcore.elf")], check=False)
-            guest.dump(work / "vmcore.kdump", "kdump-zlib")
+        if dumps and scenario.stop_at is None:
+            _write_dumps(guest, work)
         (work / "truth.json").write_text(json.dumps(truth, indent=1))
     finally:
         guest.kill()

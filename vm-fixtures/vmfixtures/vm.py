@@ -60,6 +60,7 @@ class Guest:
         memory: Memory = Memory(),
         workdir: Path | None = None,
         smp: int = 1,
+        gdb: bool = False,
     ) -> None:
         self.kernel = kernel
         self.cmdline = ["console=ttyS0", "panic=-1", "rdinit=/init", "loglevel=6"] + (cmdline or [])
@@ -74,11 +75,15 @@ class Guest:
         self.tools_qmp_path = self.workdir / "qmp-tools.sock"
         self.ctl_path = self.workdir / "ctl.sock"
         self.console_path = self.workdir / "console.log"
+        # with gdb, QEMU starts frozen (-S) with a gdbstub: the caller stops the boot where it wants
+        # (gdbstub.py), then lets it go on
+        self.gdb_path = self.workdir / "gdb.sock" if gdb else None
         self.process: subprocess.Popen[bytes] | None = None
         self.qmp: QMP | None = None
         self._ctl: socket.socket | None = None
         self._ctl_buffer = b""
         self._next_id = 1
+        self._launched = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def initrd(self) -> Path:
@@ -108,14 +113,22 @@ class Guest:
             "-device", "virtio-serial-pci",
             "-device", "virtserialport,chardev=ctl,name=kmi.ctl",
             *self.qemu_args,
+            *self._gdb_args(),
         ]  # fmt: skip
 
-    def start(self, timeout: float = 180.0) -> Guest:
+    def _gdb_args(self) -> list[str]:
+        if self.gdb_path is None:
+            return []
+        return ["-S", "-chardev", f"socket,id=gdb,path={self.gdb_path},server=on,wait=off", "-gdb", "chardev:gdb"]
+
+    def launch(self) -> Guest:
+        """Start QEMU and connect QMP and the control channel, without waiting for the guest."""
         if not shutil.which("qemu-system-x86_64"):
             raise GuestError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
-        for path in (self.qmp_path, self.tools_qmp_path, self.ctl_path):
-            path.unlink(missing_ok=True)
-        start = time.monotonic()
+        for path in (self.qmp_path, self.tools_qmp_path, self.ctl_path, self.gdb_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        self._launched = time.monotonic()
         self.process = subprocess.Popen(
             self.qemu_command(),
             stdin=subprocess.DEVNULL,
@@ -133,9 +146,16 @@ class Guest:
                 if time.monotonic() > deadline:
                     raise GuestError(f"cannot connect to {self.ctl_path}") from None
                 time.sleep(0.05)
-        self.run("true", timeout=timeout)
-        log(f"guest {self.kernel.release} up in {time.monotonic() - start:.1f}s ({self.workdir})")
         return self
+
+    def wait_for_agent(self, timeout: float = 180.0) -> Guest:
+        """Wait until the guest's control agent answers (the guest has booted)."""
+        self.run("true", timeout=timeout)
+        log(f"guest {self.kernel.release} up in {time.monotonic() - self._launched:.1f}s ({self.workdir})")
+        return self
+
+    def start(self, timeout: float = 180.0) -> Guest:
+        return self.launch().wait_for_agent(timeout)
 
     def __enter__(self) -> Guest:
         return self.start()
