@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-fixtures"))
 
 from vmfixtures import download, truth  # noqa: E402
+from vmfixtures.cache import locked  # noqa: E402
 from vmfixtures.scenarios import SCENARIOS  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
@@ -43,7 +44,10 @@ def get_kernel(generation: str) -> download.Kernel:
             missing_prerequisite("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
         try:
             if not _apt_ready:
-                _apt_ready.append(download.prepare_apt())
+                # test workers share the private apt state: an update must not race another worker's
+                # download (fetch_kernel holds the same lock)
+                with locked("apt"):
+                    _apt_ready.append(download.prepare_apt())
             _kernels[generation] = download.fetch_kernel(generation, _apt_ready[0], update=False)
         except Exception as error:  # noqa: BLE001 - any failure to fetch is a missing prerequisite
             cached = download.load_kernel(generation)
