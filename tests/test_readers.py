@@ -285,3 +285,23 @@ def test_truncated_real_vmcore(captured: Callable[[str, str], truth.Capture], tm
         timeout=300,
     )
     assert result.returncode == 2 and "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("read", [pytest.param((g, "hugetlb-hvo"), id=g) for g in GENERATIONS], indirect=True)
+def test_aliased_tails_of_hvo_pages_decode_as_tails(read: Read) -> None:
+    """With hugetlb_free_vmemmap=on, page-aligned tail struct pages alias the head's vmemmap page (before
+    v7.1 they read as fake heads): the single-page decode still names the real head, as the kernel does."""
+    from kmeminspect.kernel.layout import page_format
+    from kmeminspect.kernel.pages import describe_page
+
+    fmt = page_format(read.prog, len(read.snapshot.layout.zone_names))
+    flags = read.kpageflags
+    heads = np.flatnonzero((flags >> 15 & 1 == 1) & (flags >> 17 & 1 == 1))  # KPF_COMPOUND_HEAD, KPF_HUGE
+    assert heads.size == 64
+    for head in heads[:8].tolist():
+        for tail in (head + 1, head + 64, head + 128, head + 511):
+            page = describe_page(read.prog, read.snapshot.layout, fmt, tail)
+            assert page is not None and page["compound_head_pfn"] == head, (head, tail, page)
+            assert "PG_head" not in page["flags"]
+        page = describe_page(read.prog, read.snapshot.layout, fmt, head)
+        assert page is not None and page["compound_head_pfn"] is None and "PG_head" in page["flags"]

@@ -50,8 +50,20 @@ def describe_page(prog: Program, layout: Layout, fmt: PageFormat, pfn: int) -> d
     refcount = int.from_bytes(raw[fmt.refcount_offset : fmt.refcount_offset + 4], "little", signed=True)
     compound = words[fmt.compound_offset // 8]
     head = None
+    head_address = None
     if compound & 1:
         head_address = (address & compound) if fmt.compound_is_mask else compound - 1
+    elif not fmt.compound_is_mask and flags >> fmt.pg_head & 1:
+        # before v7.1 (8c846c879e22) a deduplicated vmemmap (hugetlb HVO, device-DAX) shows page-aligned
+        # tails as copies of the head: page_fixed_fake_head() resolves them through the next page
+        try:
+            following = int.from_bytes(prog.read(address + fmt.size + fmt.compound_offset, 8), "little")
+        except drgn.FaultError:
+            following = 0
+        if following & 1 and following - 1 != address:
+            head_address = following - 1
+            set_flags = [name for name in set_flags if name != "PG_head"]
+    if head_address is not None:
         head = (head_address - layout.vmemmap_base) // fmt.size
     return {
         "address": hex(address),
