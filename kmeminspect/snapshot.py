@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,38 +112,44 @@ def load(path: Path) -> Snapshot:
     return from_json(data, str(path))
 
 
+def _keyed_changes(
+    key: str, before: dict[int, Any], after: dict[int, Any], fields: dict[str, Callable[[Any], Any]]
+) -> list[dict[str, Any]]:
+    """Entries added, removed, or changed in any of ``fields`` (name -> how to show the value)."""
+    changes: list[dict[str, Any]] = []
+    for k in sorted(set(before) | set(after)):
+        x, y = before.get(k), after.get(k)
+        if x is None or y is None:
+            changes.append({key: k, "change": "added" if x is None else "removed"})
+            continue
+        shown = {name: [show(getattr(x, name)), show(getattr(y, name))] for name, show in fields.items()}
+        if any(old != new for old, new in shown.values()):
+            changes.append({key: k, "change": "changed", **shown})
+    return changes
+
+
 def diff(a: Snapshot, b: Snapshot) -> dict[str, Any]:
     """What changed from a to b: sections, blocks, pagemaps, and pfn ranges whose page state differs."""
-    sa = {s.nr: s for s in a.sections}
-    sb = {s.nr: s for s in b.sections}
-    sections: list[dict[str, Any]] = []
-    for nr in sorted(set(sa) | set(sb)):
-        x, y = sa.get(nr), sb.get(nr)
-        if x is None or y is None:
-            sections.append({"nr": nr, "change": "added" if x is None else "removed"})
-        elif (x.flags, x.subsection_map) != (y.flags, y.subsection_map):
-            sections.append(
-                {
-                    "nr": nr,
-                    "change": "changed",
-                    "flags": [list(x.flags), list(y.flags)],
-                    "subsection_map": [hex(x.subsection_map), hex(y.subsection_map)],
-                }
-            )
-    ba = {blk.id: blk for blk in a.blocks}
-    bb = {blk.id: blk for blk in b.blocks}
-    blocks: list[dict[str, Any]] = []
-    for i in sorted(set(ba) | set(bb)):
-        x2, y2 = ba.get(i), bb.get(i)
-        if x2 is None or y2 is None:
-            blocks.append({"id": i, "change": "added" if x2 is None else "removed"})
-        elif (x2.state, x2.zone) != (y2.state, y2.zone):
-            blocks.append({"id": i, "change": "changed", "state": [x2.state, y2.state], "zone": [x2.zone, y2.zone]})
-    pa = {p.address: p for p in a.pagemaps}
-    pb = {p.address: p for p in b.pagemaps}
-    pagemaps = [{"address": hex(x), "change": "removed"} for x in pa.keys() - pb.keys()] + [
-        {"address": hex(x), "change": "added"} for x in pb.keys() - pa.keys()
-    ]
+    sections = _keyed_changes(
+        "nr",
+        {s.nr: s for s in a.sections},
+        {s.nr: s for s in b.sections},
+        {"flags": list, "subsection_map": hex},
+    )
+    blocks = _keyed_changes(
+        "id",
+        {blk.id: blk for blk in a.blocks},
+        {blk.id: blk for blk in b.blocks},
+        {"state": str, "zone": lambda zone: zone},
+    )
+    pagemaps = _keyed_changes(
+        "address",
+        {p.address: p for p in a.pagemaps},
+        {p.address: p for p in b.pagemaps},
+        {"ranges": list, "type": str},
+    )
+    for p in pagemaps:
+        p["address"] = hex(p["address"])
     return {"sections": sections, "blocks": blocks, "pagemaps": pagemaps, "runs": _run_diff(a.runs, b.runs)}
 
 

@@ -198,3 +198,19 @@ def test_vmcoreinfo_not_vmcoreinfo(tmp_path: Path) -> None:
     info = tmp_path / "info"
     info.write_text("hello\n")
     assert_one_line_error(kmem("--vmcore", str(core), "--vmcoreinfo", str(info), "sections"), "not VMCOREINFO")
+
+
+def test_diff_names_what_changed(tmp_path: Path) -> None:
+    before = build(["boot", "hot-offline"])
+    after = build(["boot", "hot-online", "device"], device_subsections=4)
+    a, b = tmp_path / "a.json.gz", tmp_path / "b.json.gz"
+    snapshot_mod.save(before, a)
+    snapshot_mod.save(after, b)
+    result = kmem("--json", "diff", str(a), str(b))
+    assert result.returncode == 0, result.stderr
+    d = json.loads(result.stdout)
+    assert [(s["nr"], s["change"]) for s in d["sections"]] == [(1, "changed"), (2, "added")]
+    assert d["sections"][0]["flags"][1][-1] == "SECTION_IS_ONLINE"
+    assert [(blk["id"], blk["change"], blk["state"]) for blk in d["blocks"]] == [(1, "changed", ["offline", "online"])]
+    assert [p["change"] for p in d["pagemaps"]] == ["added"]
+    assert d["runs"] and d["runs"][0]["pfn_start"] == 32768 and "zone_id" in d["runs"][0]["fields"]
