@@ -36,6 +36,8 @@ from vmfixtures import download  # noqa: E402
 from vmfixtures.cache import cache_dir, locked, log  # noqa: E402
 from vmfixtures.vm import Guest, Memory  # noqa: E402
 
+from kmeminspect.target import elf_program_headers  # noqa: E402
+
 GENERATION = "6.1"
 
 
@@ -82,12 +84,13 @@ def fixed_for_makedumpfile(elf: Path) -> Path:
         return fixed
     subprocess.run(["cp", "--sparse=always", str(elf), str(fixed)], check=True)
     with open(fixed, "r+b") as f:
+        phoff, headers = elf_program_headers(f)
+        f.seek(0)
         header = bytearray(f.read(64))
-        phoff = struct.unpack_from("<Q", header, 32)[0]
         phentsize, phnum = struct.unpack_from("<HH", header, 54)
         f.seek(phoff)
         table = f.read(phentsize * phnum)
-        first_data = min(struct.unpack_from("<Q", table, i * phentsize + 8)[0] for i in range(phnum))
+        first_data = min(h.offset for h in headers)
         if 64 + len(table) > first_data:
             raise RuntimeError(f"{elf}: no room to move the program headers")
         struct.pack_into("<Q", header, 32, 64)  # e_phoff

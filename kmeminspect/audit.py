@@ -300,7 +300,6 @@ def _block_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
     for b in snapshot.blocks:
         nrs = range(b.start_pfn // per, (b.start_pfn + b.nr_pages) // per)
         sections = [by_nr[n] for n in nrs if n in by_nr]
-        online = [s.nr for s in sections if s.has("SECTION_IS_ONLINE")]
         if b.state == "online":
             # hotplugged sections of an online block have every subsection not claimed by a pgmap
             for s in sections:
@@ -322,38 +321,33 @@ def _block_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
                         section=s.nr,
                         subsections=holes,
                     )
-        if b.state == "online" and len(online) != len(sections):
-            offline = [s.nr for s in sections if s.nr not in online]
+        # an online block's sections are all online; an offline block's are all offline
+        contrary = [s.nr for s in sections if s.has("SECTION_IS_ONLINE") != (b.state == "online")]
+        if b.state in ("online", "offline") and contrary:
             yield _find(
                 "block-section-mismatch",
                 b.start_pfn,
                 b.start_pfn + b.nr_pages,
-                f"block {b.id} is online but sections {offline} are not",
+                f"block {b.id} is {b.state} but sections {contrary} are "
+                + ("not" if b.state == "online" else "online"),
                 block=b.id,
-                sections=offline,
+                sections=contrary,
             )
-        if b.state == "offline" and online:
-            yield _find(
-                "block-section-mismatch",
-                b.start_pfn,
-                b.start_pfn + b.nr_pages,
-                f"block {b.id} is offline but sections {online} are online",
-                block=b.id,
-                sections=online,
-            )
-        if b.state == "online" and b.zone is not None:
-            inside = (seg["block"] == b.id) & (seg["pfn_active"] == 1) & (seg["proposed_online"] == 1)
-            wrong = inside & (seg_zone != b.zone)
-            for start, end, zone_id in _grouped(seg, wrong, lambda r: int(r["zone_id"])):
-                yield _find(
-                    "zone-block-mismatch",
-                    start,
-                    end,
-                    f"pages in zone {zone_names[zone_id]}, block {b.id} is in zone {b.zone}",
-                    block=b.id,
-                    block_zone=b.zone,
-                    page_zone=zone_names[zone_id],
-                )
+    # initialized pages whose zone is not the single zone of their online block (one pass over segments)
+    block_zone = {b.id: b.zone for b in snapshot.blocks if b.state == "online" and b.zone is not None}
+    seg_block_zone = np.array([block_zone.get(int(i)) or "" for i in seg["block"]], dtype=object)
+    wrong = (seg_block_zone != "") & (seg["pfn_active"] == 1) & (seg["proposed_online"] == 1)
+    wrong &= seg_zone != seg_block_zone
+    for start, end, (block_id, zone_id) in _grouped(seg, wrong, lambda r: (int(r["block"]), int(r["zone_id"]))):
+        yield _find(
+            "zone-block-mismatch",
+            start,
+            end,
+            f"pages in zone {zone_names[zone_id]}, block {block_id} is in zone {block_zone[block_id]}",
+            block=block_id,
+            block_zone=block_zone[block_id],
+            page_zone=zone_names[zone_id],
+        )
 
 
 def _driver_managed(snapshot: Snapshot) -> list[tuple[int, int]]:

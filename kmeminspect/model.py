@@ -166,9 +166,14 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
             seg["altmap_part"][(starts >= base) & (starts < base + reserve)] = ALTMAP_RESERVE
             seg["altmap_part"][(starts >= base + reserve) & (starts < base + reserve + free)] = ALTMAP_FREE
 
-    seg["block"] = -1
-    for block in snapshot.blocks:
-        seg["block"][(starts >= block.start_pfn) & (starts < block.start_pfn + block.nr_pages)] = block.id
+    # memory blocks do not overlap: find each segment's block by binary search, not a pass per block
+    blocks = sorted(snapshot.blocks, key=lambda b: b.start_pfn)
+    block_starts = np.array([b.start_pfn for b in blocks], dtype=np.uint64)
+    block_ends = np.array([b.start_pfn + b.nr_pages for b in blocks], dtype=np.uint64)
+    block_ids = np.array([b.id for b in blocks], dtype=np.int64)
+    which = np.searchsorted(block_starts, starts, side="right") - 1
+    inside = (which >= 0) & (starts < block_ends[np.maximum(which, 0)]) if blocks else np.zeros(seg.size, bool)
+    seg["block"] = np.where(inside, block_ids[np.maximum(which, 0)] if blocks else -1, -1)
 
     spans = {(z.nid, z.zone_id): (z.start_pfn, z.start_pfn + z.spanned) for z in snapshot.zones}
     for (span_nid, span_zone), (a, b) in spans.items():

@@ -5,12 +5,14 @@ Every failure becomes a :class:`TargetError` whose message says what is wrong an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import socket
 import stat
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import drgn
 
@@ -24,6 +26,35 @@ _NO_VMCOREINFO = (
     "guest without -device vmcoreinfo and qemu_fw_cfg): pass --vmcoreinfo FILE"
 )
 FLATTENED_SIGNATURE = b"makedumpfile"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramHeader:
+    """One ELF64 program header of a core file (p_type 1 = PT_LOAD)."""
+
+    type: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+
+
+def elf_program_headers(f: BinaryIO) -> tuple[int, list[ProgramHeader]]:
+    """The program header table offset and entries of the ELF64 file f (little-endian), or raise
+    ValueError when the table is cut short."""
+    f.seek(0)
+    head = f.read(64)
+    e_phoff = struct.unpack_from("<Q", head, 32)[0]
+    e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
+    f.seek(e_phoff)
+    table = f.read(e_phentsize * e_phnum)
+    if len(table) < e_phentsize * e_phnum:
+        raise ValueError("program header table cut short")
+    headers = []
+    for i in range(e_phnum):
+        p_type, _, p_offset, p_vaddr, p_paddr, p_filesz = struct.unpack_from("<IIQQQQ", table, i * e_phentsize)
+        headers.append(ProgramHeader(p_type, p_offset, p_vaddr, p_paddr, p_filesz))
+    return e_phoff, headers
 
 
 def _check_vmcore_file(path: Path) -> str:
@@ -43,16 +74,11 @@ def _check_vmcore_file(path: Path) -> str:
                 raise TargetError(f"{path}: an ELF file but not a core dump (is it the vmlinux?)")
             if e_machine != EM_X86_64:
                 raise TargetError(f"{path}: a dump of machine type {e_machine}, not x86_64 (not supported)")
-            e_phoff = struct.unpack_from("<Q", head, 32)[0]
-            e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
-            f.seek(e_phoff)
-            table = f.read(e_phentsize * e_phnum)
-            if len(table) < e_phentsize * e_phnum:
-                raise TargetError(f"{path}: truncated ELF vmcore (program headers missing); copy it again")
-            end = 0
-            for i in range(e_phnum):
-                p_offset, _, _, p_filesz = struct.unpack_from("<QQQQ", table, i * e_phentsize + 8)
-                end = max(end, p_offset + p_filesz)
+            try:
+                _, headers = elf_program_headers(f)
+            except ValueError:
+                raise TargetError(f"{path}: truncated ELF vmcore (program headers missing); copy it again") from None
+            end = max((h.offset + h.filesz for h in headers), default=0)
             if end > size:
                 raise TargetError(
                     f"{path}: truncated ELF vmcore ({size} bytes, its headers describe {end}); copy it again"

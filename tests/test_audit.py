@@ -4,7 +4,6 @@ fixture vmcores with one injected inconsistency each give the right rule over th
 from __future__ import annotations
 
 import shutil
-import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from kmeminspect import audit, model
 from kmeminspect.kernel import read_snapshot
 from kmeminspect.kernel.layout import page_format
 from kmeminspect.state import Snapshot
-from kmeminspect.target import open_vmcore
+from kmeminspect.target import elf_program_headers, open_vmcore
 
 pytestmark = pytest.mark.vm
 
@@ -82,16 +81,8 @@ class Injector:
         self.prog = prog
         self.init_mm = prog["init_mm"].address_of_()
         with open(dest, "rb") as f:
-            header = f.read(64)
-            phoff = struct.unpack_from("<Q", header, 32)[0]
-            phentsize, phnum = struct.unpack_from("<HH", header, 54)
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-        self.loads = []
-        for i in range(phnum):
-            p_type, _, p_offset, _, p_paddr, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
-            if p_type == 1:
-                self.loads.append((p_paddr, p_filesz, p_offset))
+            _, headers = elf_program_headers(f)
+        self.loads = [(h.paddr, h.filesz, h.offset) for h in headers if h.type == 1]  # PT_LOAD
 
     def offset(self, address: int) -> int:
         phys = follow_phys(self.init_mm, address).value_()
