@@ -3,7 +3,7 @@ PYTHON ?= python3
 export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test check lint format fixtures bench clean-cache
+.PHONY: setup demo test test-slow check lint format fixtures bench bench-trace stress clean-cache
 
 setup:           ## install apt and pip prerequisites (idempotent)
 	bash .ci/setup
@@ -11,16 +11,16 @@ setup:           ## install apt and pip prerequisites (idempotent)
 demo: setup      ## the main job: boot the bundled hotplug guest and inspect it
 	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures demo
 
-test: lint       ## everything: fast tests and VM tests on every kernel generation
-	$(PYTEST) -n 2 tests
+test: lint       ## everything: fast tests and VM tests on every kernel generation (not the slow ones)
+	$(PYTEST) -n 2 --dist loadgroup -m "not slow" tests
 
 check: lint      ## the fast tests only (no VM), in seconds
-	$(PYTEST) -m "not vm" tests
+	$(PYTEST) -m "not vm and not slow" tests
 
 lint:
 	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests benchmarks
 	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests benchmarks
-	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py
+	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/trace.py
 
 format:
 	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests
@@ -31,6 +31,15 @@ fixtures:        ## fetch every kernel and capture every scenario (what the VM t
 
 bench:           ## kmeminspect against crash and makedumpfile on 2 and 8 GiB dumps (docs/benchmarks.md)
 	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/run.py
+
+bench-trace:     ## the cost of kmeminspect trace against bcc stackcount, in rootfs guests (docs/benchmarks.md)
+	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/trace.py
+
+test-slow:       ## what make test leaves out: long stress runs, every tracing test on 7.x (docs/testing.md)
+	$(PYTEST) -n 2 --dist loadgroup -m slow tests
+
+stress:          ## the long hotplug stress runs on every generation, reports printed (docs/stress.md)
+	$(PYTEST) -m slow -s tests/test_stress.py
 
 clean-cache:
 	rm -rf $(KMEMINSPECT_CACHE)/captures $(KMEMINSPECT_CACHE)/initramfs

@@ -41,7 +41,7 @@ class Context:
         self.as_json = as_json
         self.prog: Any = None  # the drgn Program once opened (None for --snapshot)
 
-    def snapshot(self, pfn_range: tuple[int, int] | None = None) -> Snapshot:
+    def snapshot(self, pfn_range: tuple[int, int] | None = None, device_memmap_only: bool = False) -> Snapshot:
         if self.kind == "snapshot":
             assert self.location is not None
             return snapshot_mod.load(Path(self.location))
@@ -49,7 +49,7 @@ class Context:
         from .target import open_target
 
         self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
-        return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range)
+        return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
 
     def page(self, snap: Snapshot, pfn: int) -> dict[str, Any] | None:
         """The full decode of one struct page, when a kernel (not a snapshot file) is open."""
@@ -507,5 +507,406 @@ def doctor(obj: Context) -> None:
             return tabulate(rows, headers=["", "CHECK", "FOUND", "NEEDED FOR", "FIX"])
 
         obj.emit(data, table)
+
+    _run(run)
+
+
+# -- stress -----------------------------------------------------------------------------------------
+
+
+def _number(option: str, text: str | None, kind: type[int] | type[float], minimum: float) -> Any:
+    """A numeric option parsed here, so a bad value ends in one line (not click's usage block)."""
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UsageError(f"{option} {text}: not a{'n integer' if kind is int else ' number'}") from None
+    if value < minimum:
+        raise UsageError(f"{option} {text}: must be at least {minimum:g}")
+    return value
+
+
+def _stress_plan_text(plan: Any, sysfs: Any, walkers: dict[str, str | None], lines: list[str]) -> str:
+    """What a live run will touch, printed before it changes anything."""
+    out = [
+        f"kmeminspect stress: cycling {len(plan.blocks)} memory blocks (writes: {', '.join(plan.writes)}); "
+        "nothing else is changed"
+    ]
+    for block, state in plan.blocks.items():
+        start, end = sysfs.phys_range(block)
+        out.append(f"  block {block:<5} {start:#x}-{end:#x}  {state.describe()}")
+    for block, why in plan.skipped.items():
+        out.append(f"  skipped block {block}: {why}")
+    if walkers:
+        out.append(
+            "  walkers: " + ", ".join(k if why is None else f"{k} (not run: {why})" for k, why in walkers.items())
+        )
+    return "\n".join(out + [f"  {line}" for line in lines])
+
+
+def _restoration_line(r: dict[str, Any]) -> str:
+    what = f"block {r['block']}" if "block" in r else r["what"]
+    reason = r.get("errno") or r.get("reason") or r["result"]
+    return f"NOT RESTORED {what} ({reason}): {r['advice']}"
+
+
+def stress_report_text(data: dict[str, Any]) -> str:
+    """A stress report (``--json``'s object) for a terminal."""
+    t = data["transitions"]
+    rate = f" ({t['per_second']}/s)" if t["per_second"] else ""
+    out = [
+        f"stopped by: {data['stopped_by']} after {data['seconds']} s" + (f": {data['error']}" if data["error"] else ""),
+        f"transitions: {t['attempted']} attempted, {t['done']} done{rate}",
+    ]
+    for action, c in t["by_action"].items():
+        refused = {k: v for k, v in c.items() if k not in ("attempted", "done", "seconds")}
+        average = c["seconds"] / c["attempted"] if c["attempted"] else 0
+        out.append(
+            f"  {action:<15} {c['attempted']:>6} attempted {c['done']:>6} done  {average:.2f} s each"
+            + "".join(f"  {k} {v}" for k, v in refused.items())
+        )
+    for name, r in t["refusals"].items():
+        out.append(f"refused {r['count']}x {name}" + (f": {r['meaning']}" if r["meaning"] else ""))
+    for a in t["anomalies"]:
+        out.append(f"anomaly: {a}")
+    for w in data["walkers"]:
+        if "note" in w and "passes" not in w:
+            out.append(f"walker {w['kind']}: {w['note']}")
+        else:
+            errors = ", ".join(f"{k} {v}" for k, v in w.get("errors", {}).items())
+            work = f"{w.get('pfns', 0)} pfns read in {w.get('passes', 0)} passes" if w.get("pfns") else ""
+            out.append(
+                f"walker {w['kind']}: {work or str(w.get('passes', 0)) + ' runs'}"
+                + (f", errors: {errors}" if errors else "")
+                + (f" ({w['note']})" if "note" in w else "")
+            )
+    audit = data["audit"]
+    if audit:
+        base = ", ".join(f"{n} {s}" for s, n in audit["baseline"].items())
+        new = audit["new_errors"]
+        out.append(
+            f"audit: {audit['samples']} samples (every {audit['every']} transitions); baseline {base}; "
+            f"new errors confirmed: {len(new)}, unconfirmed (torn reads): {audit['unconfirmed']}"
+        )
+        for f in new:
+            out.append(
+                f"  after {f['after_transitions']}: {f['rule']} {f['pfn_start']:#x}-{f['pfn_end']:#x} {f['message']}"
+            )
+        final = audit["final_new_errors"]
+        if final is None:
+            out.append("  after restoring: not audited (interrupted, failed or not restored)")
+        else:
+            out.append(f"  after restoring: {len(final)} new errors" + ("" if final else " (back to the baseline)"))
+    results = [r["result"] for r in data["restoration"]]
+    if data["restored"]:
+        out.append(
+            f"restored: everything is back in its original state ({results.count('restored')} put back, "
+            f"{results.count('unchanged')} unchanged)"
+        )
+    else:
+        out += [_restoration_line(r) for r in data["restoration"] if r["result"] not in ("restored", "unchanged")]
+    if data.get("journal_error"):
+        out.append(f"journal: {data['journal_error']}")
+    out.append(f"journal: {data['journal']}")
+    return "\n".join(out)
+
+
+def _stress_restore_text(data: dict[str, Any]) -> str:
+    if data["note"]:
+        return f"{data['journal']}: {data['note']}"
+    results = [r["result"] for r in data["blocks"]]
+    if data["complete"]:
+        done, unchanged = results.count("restored"), results.count("unchanged")
+        return f"{data['journal']}: everything back ({done} put back, {unchanged} unchanged)"
+    return "\n".join(_restoration_line(r) for r in data["blocks"] if r["result"] not in ("restored", "unchanged"))
+
+
+@main.command()
+@click.option("--blocks", "block_list", metavar="LIST", help="Blocks to cycle: numbers and ranges, e.g. 32-35,40.")
+@click.option("--all-hotpluggable", is_flag=True, help="Every block of unpluggable memory (ACPI DIMMs, dax kmem).")
+@click.option("--allow-kernel-zone", is_flag=True, help="Also online into kernel zones (may never offline again).")
+@click.option("--transitions", metavar="N", help="Stop after N transitions (default 100 without --duration).")
+@click.option("--duration", metavar="SECONDS", help="Stop after this long.")
+@click.option("--walkers", metavar="KINDS", help="Concurrent pfn walkers: kpageflags,compact,idle or all.")
+@click.option("--dimm-rounds", metavar="N", help="--qemu: DIMM add/remove rounds.")
+@click.option("--dimm-size", metavar="SIZE", default="128M", show_default=True, help="--qemu: size of each DIMM.")
+@click.option("--virtio-mem", metavar="ID", help="--qemu: the virtio-mem device to resize.")
+@click.option("--resizes", metavar="N", help="--qemu: virtio-mem resizes.")
+@click.option(
+    "--audit-every", metavar="N", default="50", show_default=True, help="Audit every N transitions; 0: never."
+)
+@click.option("--journal", metavar="PATH", help="Journal file (default /var/lib/kmeminspect/..., else /tmp/...).")
+@click.option("--restore", "restore_file", metavar="JOURNAL", help="Put back what a killed run changed.")
+@click.option("--timeout", metavar="SECONDS", default="60", show_default=True, help="Per-transition time limit.")
+@click.option("--seed", metavar="N", help="Seed of the random choices (default: random, printed).")
+@click.option("--json", "stress_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--sysfs-root", default="/sys", hidden=True, help="Tests: a fake sysfs tree.")
+@click.option("--procfs-root", default="/proc", hidden=True, help="Tests: a fake procfs tree.")
+@click.pass_obj
+def stress(
+    obj: Context,
+    block_list: str | None,
+    all_hotpluggable: bool,
+    allow_kernel_zone: bool,
+    transitions: str | None,
+    duration: str | None,
+    walkers: str | None,
+    dimm_rounds: str | None,
+    dimm_size: str,
+    virtio_mem: str | None,
+    resizes: str | None,
+    audit_every: str,
+    journal: str | None,
+    restore_file: str | None,
+    timeout: str,
+    seed: str | None,
+    stress_json: bool,
+    sysfs_root: str,
+    procfs_root: str,
+) -> None:
+    """Hotplug churn that puts everything back: live (root), cycle memory blocks offline/online_movable;
+    --qemu, add and remove DIMMs and resize virtio-mem. --restore JOURNAL after a kill.
+
+    Exit 0, 1 when the audit confirmed a new error, 2 when it could not run or something was not put back.
+    """
+    from . import stress as stress_mod
+
+    as_json = obj.as_json or stress_json
+    live_options = block_list or all_hotpluggable or allow_kernel_zone or transitions or duration or walkers
+    qemu_options = dimm_rounds or virtio_mem or resizes
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    def emit_report(data: dict[str, Any], error: str | None, code: int) -> int:
+        click.echo(json.dumps(data, indent=1) if as_json else stress_report_text(data))
+        if error:
+            say(f"kmeminspect: {error}")
+        return code
+
+    def restore(limit: float) -> int:
+        if live_options or qemu_options or journal:
+            raise UsageError("--restore JOURNAL takes no other stress option: the journal says what to restore")
+        assert restore_file is not None
+        if obj.kind == "qemu":
+            from .stress_qemu import restore_qemu_journal
+
+            assert obj.location is not None
+            data = restore_qemu_journal(Path(restore_file), obj.location, say, limit).to_json()
+        else:
+            data = stress_mod.restore_journal(Path(restore_file), say, limit, Path(procfs_root)).to_json()
+        click.echo(json.dumps(data, indent=1) if as_json else _stress_restore_text(data))
+        return 0 if data["complete"] else 2
+
+    def journal_path() -> Path:
+        """Chosen once the input is known good: the default may create /var/lib/kmeminspect."""
+        return Path(journal) if journal else stress_mod.default_journal_path()
+
+    def qemu(limit: float, every: int, run_seed: int) -> int:
+        from .stress_qemu import QemuAudit, QemuLimits, QemuStress, parse_size
+
+        if live_options:
+            raise UsageError("--qemu drives DIMMs and virtio-mem: --blocks, --walkers, --transitions... are live only")
+        limits = QemuLimits(
+            _number("--dimm-rounds", dimm_rounds or "0", int, 0),
+            parse_size(dimm_size),
+            _number("--resizes", resizes or "0", int, 0),
+            limit,
+        )
+        if not limits.dimm_rounds and not limits.resizes:
+            raise UsageError("--qemu stress needs --dimm-rounds N and/or --virtio-mem ID --resizes N")
+        assert obj.location is not None
+        source = QemuAudit(obj.location, obj.vmlinux) if every else None
+        runner = QemuStress(obj.location, limits, virtio_mem, Path(), run_seed, every, source, say=say)
+        vmem = runner.prepare()
+        runner.journal_path = path = journal_path()
+        plan = [f"kmeminspect stress: the QEMU guest behind {obj.location}; nothing else is changed"]
+        if limits.dimm_rounds:
+            plan.append(
+                f"  {limits.dimm_rounds} DIMM rounds: add a {limits.dimm_size >> 20} MiB pc-dimm "
+                f"({runner.prefix}-dimmN), let the guest take it, device_del it"
+            )
+        if vmem and limits.resizes:
+            plan.append(
+                f"  {limits.resizes} resizes of virtio-mem {vmem.id}: 0-{vmem.max_size >> 20} MiB in "
+                f"{vmem.block_size >> 20} MiB steps, back to {vmem.requested_size >> 20} MiB at the end"
+            )
+        plan += [
+            f"  audit: every {every} operations (drgn over QMP)" if every else "  audit: off",
+            f"  seed {run_seed}; per-operation timeout {limit:g} s",
+            f"  journal: {path} (after a crash: kmeminspect --qemu {obj.location} stress --restore {path})",
+        ]
+        say("\n".join(plan))
+        report = runner.run()
+        return emit_report(report.to_json(), report.error, report.exit_code())
+
+    def run() -> int:
+        limit = _number("--timeout", timeout, float, 0.001)
+        if restore_file:
+            return restore(limit)
+        if obj.kind not in ("live", "qemu"):
+            raise UsageError("stress works on a running kernel: drop --vmcore/--snapshot")
+        every = _number("--audit-every", audit_every, int, 0)
+        run_seed = _number("--seed", seed, int, 0) if seed is not None else stress_mod.new_seed()
+        if obj.kind == "qemu":
+            return qemu(limit, every, run_seed)
+        if qemu_options:
+            raise UsageError("--dimm-rounds, --virtio-mem and --resizes drive a QEMU guest: add --qemu QMP_SOCKET")
+        chosen = stress_mod.parse_block_list(block_list) if block_list else None
+        kinds = stress_mod.parse_walkers(walkers or "")
+        limits = stress_mod.Limits(
+            _number("--transitions", transitions, int, 1),
+            _number("--duration", duration, float, 0.001),
+            limit,
+        )
+        if limits.transitions is None and limits.duration is None:
+            limits = dataclasses.replace(limits, transitions=stress_mod.DEFAULT_TRANSITIONS)
+        sysfs = stress_mod.MemoryBlocks(Path(sysfs_root), Path(procfs_root))
+        plan = stress_mod.plan_blocks(sysfs, chosen, all_hotpluggable, allow_kernel_zone)
+        source = stress_mod.LiveAudit(obj.vmlinux) if every else None
+        path = journal_path()
+        stops = [f"{limits.transitions} transitions" if limits.transitions else "", f"{duration} s" if duration else ""]
+        lines = [
+            f"audit: every {every} transitions (baseline first; a new error is confirmed by a second read)"
+            if every
+            else "audit: off",
+            f"stop after {' or '.join(s for s in stops if s)}; seed {run_seed}; per-transition timeout {limit:g} s",
+            f"journal: {path} (after a crash: kmeminspect stress --restore {path})",
+        ]
+        say(_stress_plan_text(plan, sysfs, stress_mod.available_walkers(kinds), lines))
+        runner = stress_mod.LiveStress(sysfs, plan, limits, path, run_seed, kinds, every, source, say=say)
+        report = runner.run()
+        return emit_report(report.to_json(), report.error, report.exit_code())
+
+    _run(run)
+
+
+# -- trace ------------------------------------------------------------------------------------------
+
+
+def _trace_text(summary: dict[str, Any], top: int) -> str:
+    """The end-of-trace summary for a terminal."""
+    from .trace import events as trace_events
+
+    lines = []
+    if "callers" in summary:
+        rows = [
+            trace_events.CallerRow(r["count"], r["context"], r["result"], tuple(r["stack"])) for r in summary["callers"]
+        ]
+        lines.append(trace_events.format_callers(rows, top, summary))
+    counts = ", ".join(f"{k} {v}" for k, v in summary.get("events", {}).items()) or "none"
+    lines.append(f"events: {counts}")
+    lines.append(
+        f"inactive hand-outs: {summary.get('handouts_inactive', 0)}, races: {summary.get('races', 0)} "
+        f"(and {summary.get('race_windows', 0)} windows), "
+        f"events lost: {summary.get('events_lost', 0)}, stack captures failed: {summary.get('stack_failures', 0)}"
+    )
+    for function, why in sorted(summary.get("unavailable", {}).items()):
+        lines.append(f"not traced: {function}(): {why}")
+    if "stopped_by" in summary:
+        lines.append(f"stopped by {summary['stopped_by']} after {summary['duration_s']} s")
+    return "\n".join(lines)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("--duration", type=float, metavar="SECONDS", help="Stop after this long (default: Ctrl-C).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write events and summary as JSON lines.")
+@click.option("--events/--no-events", default=True, show_default=True, help="Print the lifecycle timeline.")
+@click.option("--callers/--no-callers", default=True, show_default=True, help="Count pfn_to_online_page() callers.")
+@click.option("--split", is_flag=True, help="Count callers by result too (NULL or a page; a return probe).")
+@click.option("--exact-stacks", is_flag=True, help="Unwind every call's stack instead of reusing stack ids.")
+@click.option("--active/--no-active", default=True, show_default=True, help="Report pages handed out inactive.")
+@click.option("--races", is_flag=True, help="Report invalidations of pages a task still holds (every syscall exit).")
+@click.option("--verify-every", type=int, default=256, show_default=True, help="Unwind every N-th reused stack.")
+@click.option("--hold-window-ms", type=float, default=10.0, show_default=True, help="How long a kthread holds.")
+@click.option("--top", type=int, default=10, show_default=True, help="Callers shown.")
+@click.option("--folded", type=click.Path(dir_okay=False), help="Write caller stacks folded, for flame graphs.")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False), help="Summarise a trace saved by -o.")
+@click.option("--inject-inactive", hidden=True, metavar="START-END", help="Self-test: mark pfns inactive at start.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def trace(
+    obj: Context,
+    duration: float | None,
+    output: str | None,
+    events: bool,
+    callers: bool,
+    split: bool,
+    exact_stacks: bool,
+    active: bool,
+    races: bool,
+    verify_every: int,
+    hold_window_ms: float,
+    top: int,
+    folded: str | None,
+    report_file: str | None,
+    inject_inactive: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Watch memory hotplug live (bcc; root): lifecycle, pfn_to_online_page() callers, a live pfn_active.
+
+    Runs until Ctrl-C, SIGTERM, --duration, or the end of COMMAND (started once the probes are attached).
+    Exit 0, 1 when pages were handed out inactive or races seen, 2 when it could not run.
+    """
+    from . import trace as trace_mod
+    from .trace import events as trace_events
+
+    def run() -> int:
+        if report_file:
+            header, recorded, summary = trace_mod.read_trace(Path(report_file))
+            if summary is None:
+                raise UsageError(f"{report_file}: the trace has no summary (cut short): its events follow")
+            if obj.as_json:
+                click.echo(json.dumps({"header": header, "summary": summary}, indent=1))
+            else:
+                for event in recorded:
+                    click.echo(trace_events.format_event(event))
+                click.echo(_trace_text(summary, top))
+            return 1 if summary.get("handouts_inactive") or summary.get("races") else 0
+        if obj.kind != "live":
+            raise UsageError("trace watches the running kernel: drop --vmcore/--qemu/--snapshot")
+        options = trace_mod.TraceOptions(
+            events=events,
+            callers=callers,
+            split=split,
+            exact_stacks=exact_stacks,
+            active=active,
+            races=races,
+            verify_every=verify_every,
+            hold_window_ms=hold_window_ms,
+        )
+        injected = None
+        if inject_inactive:
+            start, end, _ = parse_pfns(inject_inactive)
+            injected = (start, end)
+        snap = obj.snapshot(device_memmap_only=True)  # the seed needs page content of device ranges only
+
+        def on_event(event: dict[str, Any]) -> None:
+            if obj.as_json:
+                return
+            if event["phase"] in ("handout-inactive", "race", "race-window", "state-overflow") or events:
+                click.echo(trace_events.format_event(event))
+                sys.stdout.flush()
+
+        def on_ready() -> None:
+            click.echo("kmeminspect: tracing; Ctrl-C to stop", err=True)
+
+        out = open(output, "w") if output else None  # noqa: SIM115 - closed below
+        try:
+            summary = trace_mod.run(
+                obj.prog, snap, options, on_event, out, duration, list(command) or None, injected, on_ready
+            )
+        finally:
+            if out:
+                out.close()
+        if folded and "callers" in summary:
+            rows = [
+                trace_events.CallerRow(r["count"], r["context"], r["result"], tuple(r["stack"]))
+                for r in summary["callers"]
+            ]
+            Path(folded).write_text("\n".join(trace_events.folded(rows, "pfn_to_online_page")) + "\n")
+        obj.emit(summary, lambda: _trace_text(summary, top))
+        return 1 if summary["handouts_inactive"] or summary["races"] else 0
 
     _run(run)

@@ -77,8 +77,33 @@ def captured() -> Callable[[str, str], truth.Capture]:
     return get
 
 
+#: tracing tests `make test` runs on every generation; the others run there on 6.1 and 6.12 only (the
+#: CI matrix: tracing on two generations, the version-sensitive part on all), all of them under
+#: `make test-slow`. The overhead benchmark runs on 6.1 only.
+TRACE_ON_EVERY_GENERATION = {
+    "test_dimm_online_events_follow_blocks",
+    "test_kpageflags_is_the_top_caller",
+    "test_stalled_walker_is_a_race",
+    "test_trace_refuses_without_root",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark slow what CI leaves to `make test-slow` (see TRACE_ON_EVERY_GENERATION)."""
+    for item in items:
+        if not item.nodeid.startswith("tests/test_trace.py::"):
+            continue
+        name = getattr(item, "originalname", item.name)
+        latest = "[7.x]" in item.nodeid
+        if (latest and name not in TRACE_ON_EVERY_GENERATION) or (
+            name == "test_trace_overhead_benchmark" and "[6.1]" not in item.nodeid
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: needs QEMU and the test bed's kernels")
+    config.addinivalue_line("markers", "slow: long runs for 'make stress', left out of 'make test'")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -89,3 +114,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         if kernel:
             lines.append(f"kernel {generation}: {kernel.release} ({kernel.version}) from {kernel.suite}")
     return lines
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Benchmarks that ran as tests (``record_property("benchmark", ...)``) print their results here."""
+    lines = [
+        str(value)
+        for report in terminalreporter.stats.get("passed", [])
+        if report.when == "call"
+        for name, value in getattr(report, "user_properties", [])
+        if name == "benchmark"
+    ]
+    if lines:
+        terminalreporter.section("benchmarks")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -45,11 +45,14 @@ def read_snapshot(
     source: dict[str, object],
     progress: Progress | None = None,
     pfn_range: tuple[int, int] | None = None,
+    device_memmap_only: bool = False,
 ) -> Snapshot:
     """Read everything: sections, blocks, page maps, zones and every struct page (as runs).
 
-    With ``pfn_range``, only the memmap of sections overlapping [start, end) is read; the others get
-    one "not read" run each (MEMMAP_NONE) and the layout cross-check is skipped.
+    With ``pfn_range``, only the memmap of sections overlapping [start, end) is read; with
+    ``device_memmap_only``, only that of sections holding ZONE_DEVICE ranges (what the tracer's seed needs
+    of page content). The others get one "not read" run each (MEMMAP_NONE) and the layout cross-check is
+    skipped.
     """
     layout, fmt = read_layout(prog)
     sections = read_sections(prog, layout)
@@ -58,9 +61,12 @@ def read_snapshot(
     blocks = read_blocks(prog, layout)
     reader = MemmapReader(prog, layout, fmt)
     parts = []
+    wanted = [pfn_range] if pfn_range else []
+    if device_memmap_only:
+        wanted += [r for p in pagemaps for r in p.ranges] or [(0, 0)]
     for i, section in enumerate(sections):
         end = section.start_pfn + section.nr_pages
-        if pfn_range and (end <= pfn_range[0] or section.start_pfn >= pfn_range[1]):
+        if wanted and not any(a < end and section.start_pfn < b for a, b in wanted):
             parts.append(uniform_run(section.start_pfn, end, MEMMAP_NONE))
         else:
             parts.append(reader.section_runs(section))
@@ -77,7 +83,7 @@ def read_snapshot(
         resources=read_resources(prog),
         runs=merge_runs(parts),
     )
-    if pfn_range is None:
+    if not wanted:
         check_flags_layout(snapshot)
     return snapshot
 

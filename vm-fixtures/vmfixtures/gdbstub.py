@@ -10,12 +10,13 @@ Under TCG, QEMU checks breakpoints as it translates guest code, so the stop is e
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from types import TracebackType
 
 import drgn
+
+from .qmp import connect_unix
 
 #: offset of rip in the reply to 'g' (x86_64: 16 general-purpose registers of 8 bytes come first)
 RIP_OFFSET = 16 * 8
@@ -37,17 +38,7 @@ class GdbStub:
     """A connection to QEMU's gdbstub on a Unix socket (``Guest.gdb_path``)."""
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(str(path), timeout)
         self.buffer = b""
 
     def __enter__(self) -> GdbStub:

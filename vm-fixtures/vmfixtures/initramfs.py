@@ -140,35 +140,41 @@ def _build_initramfs(kernel: Kernel) -> Path:
             if name not in tree.files:
                 log(f"  module {name} not in {kernel.release}: scenarios needing it will say so")
                 continue
-            order = tree.load_order(name)
-            rels = []
-            for dep in order:
-                src = tree.files[dep]
-                rel = src.relative_to(tree.root).as_posix()
-                rel = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", rel)
-                dest = root / "lib" / "modules" / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(_read_module(src))
-                rels.append(rel)
-            (root / "lib" / "modules" / "order" / name).write_text("\n".join(rels) + "\n")
+            copy_module(tree, name, root)
             if name in BOOT_MODULES:
                 boot.append(name)
         (root / "etc" / "modules-boot").write_text("\n".join(boot) + "\n")
-        tmp_out = out.with_suffix(".tmp")
-        with open(tmp_out, "wb") as f:
-            files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, capture_output=True, check=True).stdout
-            cpio = subprocess.Popen(
-                ["cpio", "-o", "-H", "newc", "--quiet"],
-                cwd=root,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            gz = subprocess.Popen(["gzip", "-1"], stdin=cpio.stdout, stdout=f)
-            assert cpio.stdin is not None and cpio.stdout is not None
-            cpio.stdout.close()
-            cpio.stdin.write(files)
-            cpio.stdin.close()
-            if cpio.wait() != 0 or gz.wait() != 0:
-                raise RuntimeError("cpio/gzip failed while building the initramfs")
-        tmp_out.rename(out)
+        pack(root, out)
     return out
+
+
+def copy_module(tree: ModuleTree, name: str, root: Path) -> None:
+    """Copy module ``name`` and what it depends on, decompressed, under ``root/lib/modules``, and write their
+    load order to ``root/lib/modules/order/<name>`` (what ``guest/loadmod`` reads)."""
+    rels = []
+    for dep in tree.load_order(name):
+        rel = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", tree.files[dep].relative_to(tree.root).as_posix())
+        dest = root / "lib" / "modules" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(_read_module(tree.files[dep]))
+        rels.append(rel)
+    (root / "lib" / "modules" / "order").mkdir(parents=True, exist_ok=True)
+    (root / "lib" / "modules" / "order" / name).write_text("\n".join(rels) + "\n")
+
+
+def pack(root: Path, out: Path) -> None:
+    """Write the tree ``root`` as a gzip-compressed newc cpio archive (an initramfs) to ``out``, atomically."""
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "wb") as f:
+        files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, capture_output=True, check=True).stdout
+        cpio = subprocess.Popen(
+            ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        gz = subprocess.Popen(["gzip", "-1"], stdin=cpio.stdout, stdout=f)
+        assert cpio.stdin is not None and cpio.stdout is not None
+        cpio.stdout.close()
+        cpio.stdin.write(files)
+        cpio.stdin.close()
+        if cpio.wait() != 0 or gz.wait() != 0:
+            raise RuntimeError(f"cpio/gzip failed while writing {out}")
+    partial.rename(out)

@@ -12,21 +12,26 @@ class QMPError(RuntimeError):
     """QEMU answered a command with an error."""
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """Connect to a Unix socket QEMU is about to create, retrying until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class QMP:
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.path = path
         self.events: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(path, timeout)
         self.sock.settimeout(timeout)
         self.file = self.sock.makefile("rwb")
         greeting = self._read()

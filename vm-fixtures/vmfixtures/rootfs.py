@@ -46,7 +46,7 @@ from pathlib import Path
 
 from .cache import cache_dir, locked, log
 from .download import Kernel, headers_debs, machine_mirror
-from .initramfs import GUEST_DIR, ModuleTree, _read_module
+from .initramfs import GUEST_DIR, ModuleTree, copy_module, pack
 from .vm import Guest, GuestError, Memory
 
 SUITE = "bookworm"
@@ -54,6 +54,7 @@ PACKAGES = [
     "python3",
     "python3-bpfcc",
     "bpfcc-tools",
+    "bpftool",
     "kmod",
     "util-linux",
     "ndctl",
@@ -369,18 +370,10 @@ def _build_stage1(kernel: Kernel, out: Path) -> None:
                 continue
             if name not in tree.files:
                 raise RuntimeError(f"{kernel.release}: module {name} neither built in nor shipped")
-            rels = []
-            for dep in tree.load_order(name):
-                rel = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", tree.files[dep].relative_to(tree.root).as_posix())
-                (root / "lib/modules" / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / "lib/modules" / rel).write_bytes(_read_module(tree.files[dep]))
-                rels.append(rel)
-            (root / "lib/modules/order" / name).write_text("\n".join(rels) + "\n")
+            copy_module(tree, name, root)
             boot.append(name)
         (root / "etc/modules-boot").write_text("\n".join(boot) + "\n")
-        partial = out.with_suffix(".partial")
-        _run(["sh", "-c", f"find . -mindepth 1 | cpio -o -H newc --quiet | gzip -1 > {partial}"], cwd=root)
-        partial.rename(out)
+        pack(root, out)
 
 
 class RootfsGuest(Guest):

@@ -55,12 +55,22 @@ KPF_BUDDY = 10
 FORMAT_VERSION = 1
 
 
+#: the test bed's files a capture depends on (booting, scenario setup, dumping, the oracles); a change to any
+#: of them recaptures every scenario, a change elsewhere (test helpers, ``__main__``) does not
+CAPTURE_INPUTS = [
+    "cache.py", "download.py", "gdbstub.py", "initramfs.py", "oracle.py", "qmp.py", "rootfs.py",
+    "scenarios.py", "truth.py", "vm.py", "guest", "guest-rootfs",
+]  # fmt: skip
+
+
 def _fingerprint() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for path in sorted(here.glob("*.py")) + sorted((here / "guest").iterdir()):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for name in CAPTURE_INPUTS:
+        paths = sorted((here / name).iterdir()) if (here / name).is_dir() else [here / name]
+        for path in paths:
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,123 @@
+"""``kmeminspect trace``: watch the running kernel change its memory bookkeeping (bcc, bpf/*.c).
+
+:func:`run` starts a :class:`session.Session`, streams events (to a callback and, as JSON lines, to a
+file), stops on a duration, the end of a traced command, SIGINT or SIGTERM, and always detaches before it
+returns the summary. :func:`read_trace` loads a saved trace for ``trace --report``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from ..errors import UsageError
+from ..state import Snapshot
+from .plan import TraceOptions
+from .session import Session, TraceError
+
+__all__ = ["TraceOptions", "TraceError", "run", "read_trace"]
+
+FORMAT = 1
+
+
+def run(
+    prog: Any,
+    snapshot: Snapshot,
+    options: TraceOptions,
+    on_event: Callable[[dict[str, Any]], None],
+    output: IO[str] | None = None,
+    duration: float | None = None,
+    command: list[str] | None = None,
+    inject_inactive: tuple[int, int] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Trace until ``duration`` seconds pass, ``command`` (started once the probes are attached) exits,
+    or SIGINT/SIGTERM arrives; return the summary. Nothing stays attached after it returns or raises."""
+    session = Session(prog, snapshot, options)
+    stop: list[str] = []
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    child: subprocess.Popen[bytes] | None = None
+
+    def emit(event: dict[str, Any]) -> None:
+        if output:
+            output.write(json.dumps(event) + "\n")
+        on_event(event)
+
+    try:
+        session.start(emit)
+        if inject_inactive:
+            session.inject_inactive(*inject_inactive)
+        if output:
+            header = {
+                "type": "trace",
+                "format": FORMAT,
+                "release": snapshot.layout.release,
+                "options": vars(options),
+                "probes": session.attached,
+                "unavailable": session.plan.unavailable,
+            }
+            output.write(json.dumps(header) + "\n")
+        started = time.monotonic()
+        if on_ready:
+            on_ready()
+        if command:
+            try:
+                child = subprocess.Popen(command)
+            except OSError as error:
+                raise UsageError(f"cannot run {command[0]}: {error.strerror}") from None
+        while not stop:
+            session.poll(100)
+            if child is not None and child.poll() is not None:
+                stop.append(f"command exited with {child.returncode}")
+            elif duration is not None and time.monotonic() - started >= duration:
+                stop.append("duration")
+        summary = session.summary(time.monotonic() - started)
+        summary["stopped_by"] = stop[0]
+        if child is not None:
+            summary["command_status"] = child.returncode
+        if output:
+            output.write(json.dumps(summary) + "\n")
+        return summary
+    finally:
+        session.close()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
+
+
+def read_trace(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """A saved trace (``trace --output``): its header, its events, its summary (None if it was cut short)."""
+    header: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = []
+    summary = None
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UsageError(f"{path}:{number}: not a JSON line: is this a kmeminspect trace?") from None
+                kind = record.get("type") if isinstance(record, dict) else None
+                if kind == "trace":
+                    header = record
+                elif kind == "event":
+                    events.append(record)
+                elif kind == "summary":
+                    summary = record
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror}") from None
+    if header is None or header.get("format") != FORMAT:
+        raise UsageError(f"{path}: not a kmeminspect trace of format {FORMAT} (written by trace --output)")
+    return header, events, summary
