@@ -608,6 +608,14 @@ def stress_report_text(data: dict[str, Any]) -> str:
         out += [_restoration_line(r) for r in data["restoration"] if r["result"] not in ("restored", "unchanged")]
     if data.get("journal_error"):
         out.append(f"journal: {data['journal_error']}")
+    traced = (data.get("hooks") or {}).get("trace")
+    if traced:
+        out.append(
+            f"trace: {traced['error']}"
+            if "error" in traced
+            else f"trace: {traced['races']} races ({traced['race_windows']} windows), "
+            f"{traced['handouts_inactive']} inactive hand-outs, {traced['events_lost']} events lost"
+        )
     out.append(f"journal: {data['journal']}")
     return "\n".join(out)
 
@@ -641,6 +649,7 @@ def _stress_restore_text(data: dict[str, Any]) -> str:
 @click.option("--timeout", metavar="SECONDS", default="60", show_default=True, help="Per-transition time limit.")
 @click.option("--seed", metavar="N", help="Seed of the random choices (default: random, printed).")
 @click.option("--json", "stress_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--trace", "with_trace", is_flag=True, help="Live: run the tracer's pfn_active and races (bcc).")
 @click.option("--sysfs-root", default="/sys", hidden=True, help="Tests: a fake sysfs tree.")
 @click.option("--procfs-root", default="/proc", hidden=True, help="Tests: a fake procfs tree.")
 @click.pass_obj
@@ -662,6 +671,7 @@ def stress(
     timeout: str,
     seed: str | None,
     stress_json: bool,
+    with_trace: bool,
     sysfs_root: str,
     procfs_root: str,
 ) -> None:
@@ -706,8 +716,10 @@ def stress(
     def qemu(limit: float, every: int, run_seed: int) -> int:
         from .stress_qemu import QemuAudit, QemuLimits, QemuStress, parse_size
 
-        if live_options:
-            raise UsageError("--qemu drives DIMMs and virtio-mem: --blocks, --walkers, --transitions... are live only")
+        if live_options or with_trace:
+            raise UsageError(
+                "--qemu drives DIMMs and virtio-mem: --blocks, --walkers, --transitions, --trace... are live only"
+            )
         limits = QemuLimits(
             _number("--dimm-rounds", dimm_rounds or "0", int, 0),
             parse_size(dimm_size),
@@ -775,7 +787,17 @@ def stress(
             f"journal: {path} (after a crash: kmeminspect stress --restore {path})",
         ]
         say(_stress_plan_text(plan, sysfs, stress_mod.available_walkers(kinds), lines))
-        runner = stress_mod.LiveStress(sysfs, plan, limits, path, run_seed, kinds, every, source, say=say)
+        hooks = None
+        if with_trace:
+            from . import trace as trace_mod
+            from .kernel import read_snapshot
+            from .target import open_live
+
+            prog = open_live(Path(obj.vmlinux) if obj.vmlinux else None)
+            seed_state = read_snapshot(prog, {"kind": "live"}, device_memmap_only=True)
+            options = trace_mod.TraceOptions(events=False, callers=False, active=True, races=True)
+            hooks = trace_mod.StressTracer(prog, seed_state, options)
+        runner = stress_mod.LiveStress(sysfs, plan, limits, path, run_seed, kinds, every, source, hooks=hooks, say=say)
         report = runner.run()
         return emit_report(report.to_json(), report.error, report.exit_code())
 

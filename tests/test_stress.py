@@ -158,6 +158,28 @@ def test_short_run(guest: StressGuest) -> None:
     assert not guest.walkers_alive()
 
 
+def test_run_traced(guest: StressGuest) -> None:
+    """stress --trace: the tracer saw one offline_pages and one online_pages return per transition the
+    kernel carried out, no race and no inactive hand-out, and detached afterwards."""
+    before = guest.sysfs()
+    result = guest.kmeminspect(
+        "--json", "stress", "--all-hotpluggable", "--transitions", "12", "--walkers", "kpageflags",
+        "--audit-every", "0", "--journal", JOURNAL, "--seed", "2", "--trace",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert guest.sysfs() == before and report["restored"] is True
+    traced = report["hooks"]["trace"]
+    assert traced["races"] == 0 and traced["handouts_inactive"] == 0 and traced["events_lost"] == 0, report["hooks"]
+    done = [e for e in guest.journal() if e.get("event") == "end" and e["result"] == "done"]
+    restored = [r for r in report["restoration"] if r["result"] == "restored"]
+    # every transition done, and every restoration, is one offline_pages or online_pages the kernel finished
+    finished = traced["events"].get("offline_pages:end", 0) + traced["events"].get("online_pages:end", 0)
+    assert finished >= len(done) + len(restored) and len(done) > 0
+    assert "offline_pages:end" in traced["events"] and "online_pages:end" in traced["events"]
+    assert not guest.guest.run("bpftool prog show | grep -c kmi_", check=False).text.strip().strip("0")
+
+
 def interrupt(guest: StressGuest, signum: int, delay: float) -> dict[str, Any]:
     """Start a run, deliver ``signum`` ``delay`` seconds after its journal appeared; check that every block
     is back and the run reported it, exit 0."""

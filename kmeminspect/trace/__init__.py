@@ -2,7 +2,8 @@
 
 :func:`run` starts a :class:`session.Session`, streams events (to a callback and, as JSON lines, to a
 file), stops on a duration, the end of a traced command, SIGINT or SIGTERM, and always detaches before it
-returns the summary. :func:`read_trace` loads a saved trace for ``trace --report``.
+returns the summary. :func:`read_trace` loads a saved trace for ``trace --report``. :class:`StressTracer`
+plugs the tracer into ``kmeminspect stress --trace``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import IO, Any
 
 from ..errors import UsageError
 from ..state import Snapshot
+from ..stress import Hooks
 from .plan import TraceOptions
 from .session import Session, TraceError
 
-__all__ = ["TraceOptions", "TraceError", "run", "read_trace"]
+__all__ = ["TraceOptions", "TraceError", "run", "read_trace", "StressTracer"]
 
 FORMAT = 1
 
@@ -121,3 +123,47 @@ def read_trace(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[s
     if header is None or header.get("format") != FORMAT:
         raise UsageError(f"{path}: not a kmeminspect trace of format {FORMAT} (written by trace --output)")
     return header, events, summary
+
+
+class StressTracer(Hooks):
+    """``kmeminspect stress --trace``: the tracer's live pfn_active and race detector during a stress run.
+
+    Attached when the run starts (after its baseline audit), read between transitions, detached after
+    restoration; never raises into the run (its error goes into the report instead). The report gets,
+    under ``hooks.trace``, the tracer's counts (lifecycle events, races, race windows, inactive
+    hand-outs, losses) and, under ``hooks.trace_reports``, each race and inactive hand-out event.
+    """
+
+    REPORTED = ("race", "race-window", "handout-inactive")
+
+    def __init__(self, prog: Any, snapshot: Snapshot, options: TraceOptions) -> None:
+        self.session = Session(prog, snapshot, options)
+        self.reports: list[dict[str, Any]] = []
+        self.started_at = 0.0
+        self.error: str | None = None
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["phase"] in self.REPORTED:
+            self.reports.append(event)
+
+    def started(self) -> None:
+        self.session.start(self._on_event)
+        self.started_at = time.monotonic()
+
+    def before_transition(self, target: str, action: str) -> None:
+        self.session.poll(0)
+
+    def after_transition(self, target: str, action: str, result: str, reason: str | None) -> None:
+        self.session.poll(0)
+
+    def finished(self) -> dict[str, Any]:
+        try:
+            if self.session.bpf is None:
+                return {"trace": {"error": "the tracer did not start"}}
+            summary = self.session.summary(time.monotonic() - self.started_at)
+        except Exception as error:  # noqa: BLE001 - the run's restoration report must still be written
+            return {"trace": {"error": f"{type(error).__name__}: {error}"}}
+        finally:
+            self.session.close()
+        keys = ("events", "races", "race_windows", "handouts_inactive", "events_lost", "stack_failures")
+        return {"trace": {k: summary[k] for k in keys}, "trace_reports": self.reports}
