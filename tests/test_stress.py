@@ -162,6 +162,7 @@ def test_run_traced(guest: StressGuest) -> None:
     """stress --trace: the tracer saw one offline_pages and one online_pages return per transition the
     kernel carried out, no race and no inactive hand-out, and detached afterwards."""
     before = guest.sysfs()
+    guest.guest.run("rm -f /tmp/s.*")  # the journal of the module's previous run: never overwritten
     result = guest.kmeminspect(
         "--json", "stress", "--all-hotpluggable", "--transitions", "12", "--walkers", "kpageflags",
         "--audit-every", "0", "--journal", JOURNAL, "--seed", "2", "--trace",
