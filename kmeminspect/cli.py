@@ -793,7 +793,8 @@ def stress(
             from .kernel import read_snapshot
             from .target import open_live
 
-            prog = open_live(Path(obj.vmlinux) if obj.vmlinux else None)
+            # the audit's Program when there is one: loading the debug info twice costs seconds and ~250 MB
+            prog = source.prog if source is not None else open_live(Path(obj.vmlinux) if obj.vmlinux else None)
             seed_state = read_snapshot(prog, {"kind": "live"}, device_memmap_only=True)
             options = trace_mod.TraceOptions(events=False, callers=False, active=True, races=True)
             hooks = trace_mod.StressTracer(prog, seed_state, options)
@@ -813,9 +814,7 @@ def _trace_text(summary: dict[str, Any], top: int) -> str:
 
     lines = []
     if "callers" in summary:
-        rows = [
-            trace_events.CallerRow(r["count"], r["context"], r["result"], tuple(r["stack"])) for r in summary["callers"]
-        ]
+        rows = [trace_events.CallerRow.from_json(r) for r in summary["callers"]]
         lines.append(trace_events.format_callers(rows, top, summary))
     counts = ", ".join(f"{k} {v}" for k, v in summary.get("events", {}).items()) or "none"
     lines.append(f"events: {counts}")
@@ -923,10 +922,7 @@ def trace(
             if out:
                 out.close()
         if folded and "callers" in summary:
-            rows = [
-                trace_events.CallerRow(r["count"], r["context"], r["result"], tuple(r["stack"]))
-                for r in summary["callers"]
-            ]
+            rows = [trace_events.CallerRow.from_json(r) for r in summary["callers"]]
             Path(folded).write_text("\n".join(trace_events.folded(rows, "pfn_to_online_page")) + "\n")
         obj.emit(summary, lambda: _trace_text(summary, top))
         return 1 if summary["handouts_inactive"] or summary["races"] else 0

@@ -185,6 +185,14 @@ class CallerRow:
     result: str
     stack: tuple[str, ...]  # innermost (pfn_to_online_page's caller) first; a failure marker if not captured
 
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "context": self.context, "result": self.result, "stack": list(self.stack)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CallerRow:
+        """A row of a summary's ``callers`` (a saved trace, or ``--json``)."""
+        return cls(data["count"], data["context"], data["result"], tuple(data["stack"]))
+
 
 def caller_rows(counts: Iterable[tuple[int, int, int, int]], stacks: dict[int, list[str]]) -> list[CallerRow]:
     """(stackid, context, result, count) entries of the callers map, ranked by count. Stack ids whose

@@ -318,9 +318,7 @@ class Session:
             rows = ev.caller_rows(counts, {sid: self.symbolize(sid) for sid, *_ in counts if sid >= 0})
             out["calls"] = sum(r.count for r in rows)
             out["returns_without_entry"] = self._percpu_sum("call_stats", 1)
-            out["callers"] = [
-                {"count": r.count, "context": r.context, "result": r.result, "stack": list(r.stack)} for r in rows
-            ]
+            out["callers"] = [r.to_json() for r in rows]
             if not self.options.exact_stacks:
                 out["stack_cache"] = {
                     name: sum(getattr(c, name) for c in caches) for name in ("reused", "verified", "disagreed")
