@@ -249,21 +249,17 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 	return 0;
 }
 
-/* Switched out while runnable (preempted, or yielding in cond_resched() between two pages) ends a hold:
- * a walker does that between pages. Switched out asleep (prev_state has a SLEEP_STATES bit: S or D in the
- * tracepoint's print format, read by the loader) keeps it, marked asleep until the task runs again: e.g.
- * a fault on the reader's buffer. */
+/* A holder switched out asleep (prev_state has a SLEEP_STATES bit: S or D in the tracepoint's print
+ * format, read by the loader) is marked asleep until it runs again: e.g. a fault on the reader's buffer.
+ * Switched out while runnable (preempted, or in cond_resched()) it keeps holding, awake: preemption can
+ * come between the hand-out and that very sleep (might_fault(), a wake-up before schedule()). */
 TRACEPOINT_PROBE(sched, sched_switch)
 {
 	u32 tid = args->prev_pid;
 	u32 slot = tid & (HOLDER_SLOTS - 1);
 	struct hold *h = holders.lookup(&slot);
-	if (h && (u32)h->pid_tgid == tid) {
-		if (args->prev_state & SLEEP_STATES)
-			h->asleep = 1;
-		else
-			h->pfn = NO_PFN;
-	}
+	if (h && (u32)h->pid_tgid == tid && (args->prev_state & SLEEP_STATES))
+		h->asleep = 1;
 	tid = args->next_pid;
 	slot = tid & (HOLDER_SLOTS - 1);
 	h = holders.lookup(&slot);

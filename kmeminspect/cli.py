@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,7 @@ class Context:
         self.vmcoreinfo = vmcoreinfo
         self.as_json = as_json
         self.prog: Any = None  # the drgn Program once opened (None for --snapshot)
+        self.colour = False
 
     def snapshot(self, pfn_range: tuple[int, int] | None = None, device_memmap_only: bool = False) -> Snapshot:
         if self.kind == "snapshot":
@@ -64,7 +66,7 @@ class Context:
         if self.as_json:
             click.echo(json.dumps(data, indent=1))
         else:
-            click.echo(table())
+            click.echo(table(), color=self.colour)  # click strips colour off a terminal unless told
 
 
 def fail(message: str) -> NoReturn:
@@ -82,6 +84,12 @@ def fail(message: str) -> NoReturn:
     "--vmcoreinfo", metavar="FILE", help="VMCOREINFO data for a vmcore without it (dumped during early boot)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--color/--no-color",
+    "colour",
+    default=None,
+    help="Colour the map (default: when stdout is a terminal and NO_COLOR is not set).",
+)
 @click.version_option(package_name="kmeminspect")
 @click.pass_context
 def main(
@@ -93,6 +101,7 @@ def main(
     vmlinux: str | None,
     vmcoreinfo: str | None,
     as_json: bool,
+    colour: bool | None,
 ) -> None:
     """The truth about a Linux kernel's physical-memory bookkeeping during memory hotplug."""
     # drgn's own warnings (e.g. its hint on flattened kdump files) would break "one line on stderr"
@@ -102,6 +111,9 @@ def main(
         fail("choose one target: --live, --vmcore, --qemu or --snapshot")
     kind, location = chosen[0] if chosen else ("live", None)
     ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json)
+    if colour is None:  # https://no-color.org: any non-empty NO_COLOR turns colour off
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    ctx.obj.colour = colour
 
 
 def _run(function: Callable[[], int | None]) -> None:
@@ -445,6 +457,29 @@ def audit(obj: Context, list_rules: bool, errors_only: bool) -> None:
     _run(run)
 
 
+# -- map --------------------------------------------------------------------------------------------
+
+
+@main.command(name="map")
+@click.option("--html", "html_file", metavar="FILE", help="Also write the map as a standalone HTML/SVG page.")
+@click.pass_obj
+def map_command(obj: Context, html_file: str | None) -> None:
+    """Sections x subsections, one cell each, coloured by state; runs of identical sections collapsed."""
+    from . import memorymap
+
+    def run() -> None:
+        snap = obj.snapshot()
+        drawing = memorymap.build(snap)
+        if html_file:
+            try:
+                Path(html_file).write_text(memorymap.render_html(drawing))
+            except OSError as error:
+                raise UsageError(f"cannot write {html_file}: {error.strerror}; choose a writable path") from None
+        obj.emit(drawing.to_json(), lambda: memorymap.render_terminal(drawing, obj.colour))
+
+    _run(run)
+
+
 # -- snapshots --------------------------------------------------------------------------------------
 
 
@@ -499,7 +534,7 @@ def doctor(obj: Context) -> None:
     from .doctor import checks
 
     def run() -> None:
-        results = checks()
+        results = checks(Path(obj.vmlinux) if obj.vmlinux else None)
         data = {"checks": [dataclasses.asdict(c) for c in results]}
 
         def table() -> str:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import platform
 import shutil
+import struct
 import subprocess
+import sys
 from pathlib import Path
+
+from .target import elf_program_headers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +36,80 @@ def _debug_info(release: str) -> Path | None:
     return None
 
 
-def _system_python_has(module: str) -> bool:
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if not python:
-        return False
-    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+NT_GNU_BUILD_ID = 3
+PT_NOTE = 4
+#: the oldest drgn with what the readers use (pyproject's dependency)
+DRGN_MINIMUM = (0, 0, 30)
 
 
-def checks() -> list[Check]:
+def gnu_build_id(notes: bytes) -> str | None:
+    """The GNU build id in a sequence of ELF notes (``/sys/kernel/notes``, a PT_NOTE segment), as hex."""
+    offset = 0
+    while offset + 12 <= len(notes):
+        namesz, descsz, note_type = struct.unpack_from("<III", notes, offset)
+        name_start = offset + 12
+        desc_start = name_start + (namesz + 3) // 4 * 4
+        if note_type == NT_GNU_BUILD_ID and notes[name_start : name_start + namesz] == b"GNU\0":
+            return notes[desc_start : desc_start + descsz].hex()
+        offset = desc_start + (descsz + 3) // 4 * 4
+    return None
+
+
+def vmlinux_build_id(path: Path) -> str | None:
+    """The build id of an ELF vmlinux, from its PT_NOTE segments."""
+    with open(path, "rb") as f:
+        try:
+            _, headers = elf_program_headers(f)
+        except (ValueError, struct.error):
+            return None
+        for header in headers:
+            if header.type == PT_NOTE:
+                f.seek(header.offset)
+                found = gnu_build_id(f.read(header.filesz))
+                if found:
+                    return found
+    return None
+
+
+def running_build_id() -> str | None:
+    try:
+        return gnu_build_id(Path("/sys/kernel/notes").read_bytes())
+    except OSError:
+        return None
+
+
+def _debug_info_check(release: str, vmlinux: Path | None) -> tuple[bool, str, str]:
+    """(ok, what was found, the fix) for the running kernel's debug info (``vmlinux``: --vmlinux)."""
+    fix = f"apt-get install linux-image-{release}-dbg, or pass --vmlinux with this build's vmlinux"
+    path = vmlinux if vmlinux is not None else _debug_info(release)
+    if path is None:
+        return False, f"none for {release}", fix
+    if not path.is_file():
+        return False, f"{path}: no such file", fix
+    theirs, ours = vmlinux_build_id(path), running_build_id()
+    if theirs is None:
+        return False, f"{path}: no build id (not a vmlinux?)", fix
+    if ours is not None and theirs != ours:
+        return False, f"{path}: build id {theirs}, running kernel {ours}", fix
+    return True, f"{path} (build id {theirs}{' matches' if ours else ''})", fix
+
+
+def _bcc_check() -> tuple[bool, str, str]:
+    """Is bcc importable by this Python (the one running kmeminspect)?"""
+    if importlib.util.find_spec("bcc") is not None:
+        return True, f"importable by {sys.executable}", ""
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system and subprocess.run([system, "-c", "import bcc"], capture_output=True).returncode == 0:
+        return (
+            False,
+            f"only the system {system} has it, not {sys.executable}",
+            f"run kmeminspect with {system} (pip install into it), or PYTHONPATH=/usr/lib/python3/dist-packages",
+        )
+    return False, "not installed", "apt-get install python3-bpfcc bpfcc-tools"
+
+
+def checks(vmlinux: Path | None = None) -> list[Check]:
+    """Each thing a command needs, found or missing (``vmlinux``: the --vmlinux the user passed)."""
     release = platform.release()
     result = []
 
@@ -54,43 +125,50 @@ def checks() -> list[Check]:
         "--live",
         "boot a kernel with CONFIG_PROC_KCORE=y, or use --vmcore / --qemu",
     )
-    vmlinux = _debug_info(release)
-    add(
-        "debug info",
-        vmlinux is not None,
-        str(vmlinux) if vmlinux else f"none for {release}",
-        "--live",
-        f"apt-get install linux-image-{release}-dbg (or pass --vmlinux)",
-    )
+    ok, found, fix = _debug_info_check(release, vmlinux)
+    add("debug info", ok, found, "--live", fix)
     try:
         import drgn
 
-        add("drgn", True, drgn.__version__, "everything", None)
+        version = tuple(int(part) for part in drgn.__version__.split("+")[0].split(".")[:3])
+        add(
+            "drgn",
+            version >= DRGN_MINIMUM,
+            drgn.__version__,
+            "everything",
+            "python3 -m pip install --upgrade drgn",
+        )
     except ImportError:
         add("drgn", False, "not importable", "everything", "python3 -m pip install drgn")
-    add(
-        "bcc",
-        _system_python_has("bcc"),
-        "python3-bpfcc",
-        "trace",
-        "apt-get install python3-bpfcc bpfcc-tools linux-headers-$(uname -r)",
-    )
-    add(
-        "BTF",
-        os.path.exists("/sys/kernel/btf/vmlinux"),
-        "/sys/kernel/btf/vmlinux",
-        "trace (fentry)",
-        "a kernel with CONFIG_DEBUG_INFO_BTF=y",
-    )
+    ok, found, fix = _bcc_check()
+    add("bcc", ok, found, "trace", fix)
     tracefs = next(
-        (p for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing") if os.path.exists(f"{p}/kprobe_events")), None
+        (p for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing") if os.path.exists(f"{p}/trace")), None
     )
+    add("tracefs", tracefs is not None, tracefs or "not mounted", "trace", "mount -t tracefs nodev /sys/kernel/tracing")
+    kprobes = tracefs is not None and os.path.exists(f"{tracefs}/kprobe_events")
     add(
         "kprobes",
-        tracefs is not None,
-        tracefs or "no kprobe_events",
+        kprobes,
+        f"{tracefs}/kprobe_events" if kprobes else "no kprobe_events",
         "trace",
-        "mount -t tracefs tracefs /sys/kernel/tracing",
+        "a kernel with CONFIG_KPROBES=y and CONFIG_KPROBE_EVENTS=y",
+    )
+    btf = os.path.exists("/sys/kernel/btf/vmlinux")
+    add(
+        "BTF",
+        btf,
+        "/sys/kernel/btf/vmlinux" if btf else "absent",
+        "trace (fentry/fexit)",
+        "a kernel with CONFIG_DEBUG_INFO_BTF=y",
+    )
+    hookable = tracefs is not None and _ftrace_can_hook(tracefs, "pfn_to_online_page")
+    add(
+        "fentry",
+        btf and hookable,
+        "pfn_to_online_page in available_filter_functions" if hookable else "pfn_to_online_page not hookable",
+        "trace (faster caller and race probes; kprobes otherwise)",
+        "a kernel with CONFIG_DEBUG_INFO_BTF=y and CONFIG_DYNAMIC_FTRACE=y",
     )
     add(
         "memory hotplug",
@@ -104,6 +182,14 @@ def checks() -> list[Check]:
         ("crash", "crash", "tests (kmem -n comparison)"),
         ("makedumpfile", "makedumpfile", "benchmarks"),
     ):
-        found = shutil.which(tool)
-        add(tool, found is not None, found or "not found", purpose, f"apt-get install {package}")
+        where = shutil.which(tool)
+        add(tool, where is not None, where or "not found", purpose, f"apt-get install {package}")
     return result
+
+
+def _ftrace_can_hook(tracefs: str, function: str) -> bool:
+    try:
+        with open(f"{tracefs}/available_filter_functions") as f:
+            return any(line.split(maxsplit=1)[0] == function for line in f if line.strip())
+    except OSError:
+        return False

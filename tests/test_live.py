@@ -164,3 +164,47 @@ def test_qmp_equals_vmcore(generation: str, scenario: str, tmp_path: Path) -> No
 
     assert_same_snapshot(qmp, vmcore)
     assert (qmp.runs["memmap"] == MEMMAP_READ).all()
+
+
+#: each doctor check, and a shell probe in the guest that says independently whether it holds
+DOCTOR_PROBES = {
+    "root": '[ "$(id -u)" = 0 ]',
+    "/proc/kcore": "test -e /proc/kcore",
+    "bcc": "python3 -c 'import bcc'",
+    "tracefs": "test -e /sys/kernel/tracing/trace || test -e /sys/kernel/debug/tracing/trace",
+    "kprobes": "test -e /sys/kernel/tracing/kprobe_events || test -e /sys/kernel/debug/tracing/kprobe_events",
+    "BTF": "test -e /sys/kernel/btf/vmlinux",
+    "fentry": "test -e /sys/kernel/btf/vmlinux && cut -d' ' -f1 /sys/kernel/tracing/available_filter_functions"
+    " | grep -qx pfn_to_online_page",
+    "memory hotplug": "test -d /sys/devices/system/memory",
+    "qemu-system-x86_64": "command -v qemu-system-x86_64",
+    "crash": "command -v crash",
+}
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_doctor_in_guest(generation: str) -> None:
+    """``kmeminspect doctor`` inside the rootfs guest: every verdict equals an independent probe of the
+    guest; the shared vmlinux's build id (readelf on the host) matches the running kernel; everything
+    trace needs is there (the tracing tests run in this guest); a missing tool comes with its fix."""
+    with live_guest("boot", generation) as guest:
+        checks = {c["name"]: c for c in in_guest(guest, "doctor")["checks"]}
+        probes = {name: guest.run(probe, check=False).returncode == 0 for name, probe in DOCTOR_PROBES.items()}
+    for name, holds in probes.items():
+        assert checks[name]["ok"] == holds, (name, checks[name])
+    assert all((c["fix"] is None) == c["ok"] for c in checks.values())
+    assert all(checks[name]["ok"] for name in ("root", "/proc/kcore", "bcc", "tracefs", "kprobes", "BTF", "fentry"))
+    notes = subprocess.run(["readelf", "-n", str(guest.kernel.vmlinux)], capture_output=True, text=True).stdout
+    build_id = notes.split("Build ID:")[1].split()[0]
+    assert checks["debug info"]["ok"] and f"build id {build_id} matches" in checks["debug info"]["detail"]
+    assert not checks["qemu-system-x86_64"]["ok"] and "apt-get install" in checks["qemu-system-x86_64"]["fix"]
+
+
+@pytest.mark.parametrize("generation", GENERATIONS[:1])
+def test_doctor_names_a_wrong_vmlinux(generation: str) -> None:
+    """On this machine (not running that kernel) a test bed vmlinux is the wrong build: doctor says whose."""
+    vmlinux = get_kernel(generation).vmlinux
+    checks = {c["name"]: c for c in on_host("--vmlinux", str(vmlinux), "--json", "doctor")["checks"]}
+    notes = subprocess.run(["readelf", "-n", str(vmlinux)], capture_output=True, text=True).stdout
+    assert not checks["debug info"]["ok"]
+    assert f"build id {notes.split('Build ID:')[1].split()[0]}, running kernel " in checks["debug info"]["detail"]

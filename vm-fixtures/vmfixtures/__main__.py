@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from . import download, truth
+from . import cache, download, truth
 from .scenarios import SCENARIOS
 
 
@@ -27,14 +27,18 @@ def demo(generation: str) -> int:
         scenario.setup(guest)
         guest.execute("stop")  # a still guest reads consistently
         status = 0
-        for args in (["sections"], ["blocks"], ["pfn", "0x40000-0x48000"], ["audit"]):
+        html_map = cache.cache_dir() / "demo" / "map.html"
+        html_map.parent.mkdir(parents=True, exist_ok=True)
+        for args in (["sections"], ["blocks"], ["pfn", "0x40000-0x48000"], ["map", "--html", str(html_map)], ["audit"]):
             line = [*command, "--qemu", str(guest.tools_qmp_path), "--vmlinux", str(kernel.vmlinux), *args]
-            print(f"\n$ kmeminspect --qemu GUEST {' '.join(args)}", flush=True)
+            shown = " ".join(args).replace(str(html_map), "map.html")
+            print(f"\n$ kmeminspect --qemu GUEST {shown}", flush=True)
             result = subprocess.run(line)
             if args == ["audit"]:
                 status = result.returncode
             elif result.returncode:
                 return result.returncode
+    print(f"\n# the map as a page to look at (hover a cell for its details): {html_map}")
     # audit exits 1 on stock kernels: they hand out pages with zone id MAX_NR_ZONES (docs/semantics.md)
     return 0 if status in (0, 1) else status
 

@@ -1,0 +1,414 @@
+"""A picture of the physical address space: present sections × their subsections, one cell each.
+
+Pure data (no drgn, no click): :func:`build` classifies every subsection of every present section from the
+model's segments, marks the cells that audit findings touch, and collapses runs of identical sections;
+:func:`render_terminal` and :func:`render_html` draw it. A cell's class is the state that covers most of its
+pfns, except that a subsection holding both ZONE_DEVICE pages and other pages with a memmap is a
+``collision`` (the kernel's SECTION_TAINT_ZONE_DEVICE case, at subsection granularity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import model
+from .audit import ERROR, WARNING, Finding
+from .state import MEMMAP_READ, Snapshot
+
+#: short names of the dev_pagemap types (enum memory_type)
+PGMAP_TYPES = {
+    "MEMORY_DEVICE_PRIVATE": "private",
+    "MEMORY_DEVICE_COHERENT": "coherent",
+    "MEMORY_DEVICE_FS_DAX": "fsdax",
+    "MEMORY_DEVICE_GENERIC": "devdax",
+    "MEMORY_DEVICE_PCI_P2PDMA": "p2pdma",
+}
+#: the colours of the zones' online RAM, by zone name (other zones get ZONE_FALLBACK_COLOUR)
+ZONE_COLOURS = {"DMA": "#8c564b", "DMA32": "#1f77b4", "Normal": "#2ca02c", "Movable": "#17becf"}
+ZONE_FALLBACK_COLOUR = "#98df8a"
+DEVICE_COLOURS = {
+    "fsdax": "#9467bd",
+    "devdax": "#e377c2",
+    "private": "#bcbd22",
+    "coherent": "#8c6d31",
+    "p2pdma": "#7f7f7f",
+}
+DEVICE_GLYPHS = {"private": "p", "coherent": "c", "fsdax": "f", "devdax": "d", "p2pdma": "q"}
+FINDING_COLOURS = {ERROR: "#d62728", WARNING: "#ff7f0e"}
+#: xterm-256 approximations of the colours above, for the terminal
+ANSI_256 = {
+    "#8c564b": 95,
+    "#1f77b4": 32,
+    "#2ca02c": 34,
+    "#17becf": 44,
+    "#98df8a": 114,
+    "#9467bd": 97,
+    "#e377c2": 176,
+    "#bcbd22": 142,
+    "#8c6d31": 94,
+    "#7f7f7f": 244,
+    "#c7c7c7": 251,
+    "#ffffff": 255,
+    "#000000": 16,
+    "#ff0000": 196,
+    "#ffbf00": 214,
+    "#d62728": 160,
+    "#ff7f0e": 208,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CellClass:
+    """One state a subsection can be drawn in."""
+
+    key: str  # stable name, e.g. "online-Normal", "device-fsdax", "offline"
+    label: str
+    glyph: str  # its character on a terminal without colour
+    colour: str  # #rrggbb
+
+
+def cell_classes(snapshot: Snapshot) -> list[CellClass]:
+    """The classes this kernel's map can use, in legend order."""
+    classes = [
+        CellClass(
+            f"online-{name}",
+            f"online RAM, zone {name}",
+            _zone_glyph(name),
+            ZONE_COLOURS.get(name, ZONE_FALLBACK_COLOUR),
+        )
+        for i, name in enumerate(snapshot.layout.zone_names)
+        if i != snapshot.layout.zone_device
+    ]
+    classes.append(CellClass("offline", "offline RAM (memmap present, section offline)", "o", "#c7c7c7"))
+    classes += [
+        CellClass(f"device-{short}", f"ZONE_DEVICE, {short} pagemap", glyph, DEVICE_COLOURS[short])
+        for short, glyph in DEVICE_GLYPHS.items()
+    ]
+    classes += [
+        CellClass("collision", "ZONE_DEVICE and other memmap in one subsection", "*", "#ffbf00"),
+        CellClass("inactive", "memmap present, not initialized or not sane (pfn_active false)", "!", "#ff0000"),
+        CellClass("unmapped", "memmap unreadable (vmemmap unmapped, or not in the dump)", "u", "#000000"),
+        CellClass("hole", "no memmap (subsection not valid: pfn_valid false)", ".", "#ffffff"),
+    ]
+    return classes
+
+
+def _zone_glyph(name: str) -> str:
+    return {"DMA": "A", "DMA32": "3", "Normal": "N", "Movable": "M"}.get(name, name[:1].upper())
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """Present sections first_nr..last_nr (consecutive, identical in every cell), or a gap between them."""
+
+    first_nr: int
+    last_nr: int
+    present: bool
+    cells: tuple[str, ...]  # a CellClass key per subsection (empty for a gap)
+    details: tuple[str, ...]  # per subsection: pfn counts by state, causes, findings (of first_nr)
+    findings: tuple[str, ...]  # per subsection: "" or the worst severity of the findings touching it
+    collision: bool  # the section holds ZONE_DEVICE pages and other pages with a memmap
+    flags: tuple[str, ...]  # the section's flags (of first_nr)
+
+    @property
+    def count(self) -> int:
+        return self.last_nr - self.first_nr + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMap:
+    release: str
+    pages_per_section: int
+    pages_per_subsection: int
+    classes: list[CellClass]
+    rows: list[Row]
+    findings: list[Finding]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel": self.release,
+            "pages_per_section": self.pages_per_section,
+            "pages_per_subsection": self.pages_per_subsection,
+            "classes": [dataclasses.asdict(c) for c in self.classes],
+            "rows": [
+                {
+                    "sections": [r.first_nr, r.last_nr],
+                    "present": r.present,
+                    "cells": list(r.cells),
+                    "findings": list(r.findings),
+                    "collision": r.collision,
+                }
+                for r in self.rows
+            ],
+        }
+
+
+def classify_segments(snapshot: Snapshot, seg: np.ndarray, classes: list[CellClass]) -> np.ndarray:
+    """The index into classes of each model segment's state."""
+    index = {c.key: i for i, c in enumerate(classes)}
+    out = np.full(seg.size, index["inactive"], dtype=np.int16)
+    zone_names = snapshot.layout.zone_names
+    valid = seg["pfn_valid"] == 1
+    active = seg["pfn_active"] == 1
+    device = seg["registry_pgmap"] != 0
+    offline = (seg["inactive"] & model.CAUSE_BITS["section-offline"]) != 0
+    for zone_id, name in enumerate(zone_names):
+        key = f"online-{name}"
+        if key in index:
+            out[active & ~device & (seg["zone_id"] == zone_id)] = index[key]
+    out[valid & ~device & offline] = index["offline"]
+    types = {p.address: PGMAP_TYPES.get(p.type) for p in snapshot.pagemaps}
+    for address, short in types.items():
+        if short is not None:
+            out[active & (seg["registry_pgmap"] == address)] = index[f"device-{short}"]
+    out[valid & (seg["memmap"] != MEMMAP_READ)] = index["unmapped"]
+    out[~valid] = index["hole"]
+    return out
+
+
+def _pieces(seg: np.ndarray, cell_starts: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut the segments at subsection boundaries: (segment index, cell index, pages) of every piece."""
+    cuts = np.unique(np.concatenate((seg["pfn_start"], seg["pfn_end"], cell_starts, cell_starts + np.uint64(per))))
+    starts, lengths = cuts[:-1], (cuts[1:] - cuts[:-1]).astype(np.int64)
+    which_seg = np.searchsorted(seg["pfn_start"], starts, side="right") - 1
+    which_cell = np.searchsorted(cell_starts, starts, side="right") - 1
+    inside = (which_seg >= 0) & (which_cell >= 0)
+    inside &= starts < seg["pfn_end"][np.maximum(which_seg, 0)]
+    inside &= starts < cell_starts[np.maximum(which_cell, 0)] + np.uint64(per)
+    return which_seg[inside], which_cell[inside], lengths[inside]
+
+
+def build(snapshot: Snapshot, seg: np.ndarray | None = None, findings: list[Finding] | None = None) -> MemoryMap:
+    """The map of a snapshot (its model segments and audit findings computed when not given)."""
+    from .audit import audit
+
+    layout = snapshot.layout
+    seg = model.segments(snapshot) if seg is None else seg
+    findings = audit(snapshot, seg) if findings is None else findings
+    classes = cell_classes(snapshot)
+    per, nsub = layout.pages_per_subsection, layout.subsections_per_section
+    sections = sorted(snapshot.sections, key=lambda s: s.nr)
+    rows: list[Row] = []
+    if not sections or seg.size == 0:
+        return MemoryMap(layout.release, layout.pages_per_section, per, classes, rows, findings)
+    offsets = np.arange(nsub, dtype=np.uint64) * np.uint64(per)
+    cell_starts = (np.array([s.start_pfn for s in sections], dtype=np.uint64)[:, None] + offsets).ravel()
+    seg_class = classify_segments(snapshot, seg, classes)
+    which_seg, which_cell, pages = _pieces(seg, cell_starts, per)
+    counts = np.zeros((cell_starts.size, len(classes)), dtype=np.int64)
+    np.add.at(counts, (which_cell, seg_class[which_seg]), pages)
+    inactive_causes = np.zeros(cell_starts.size, dtype=np.uint32)
+    np.bitwise_or.at(inactive_causes, which_cell, seg["inactive"][which_seg])
+    cell_class = _dominant(counts, classes)
+    severity = _finding_marks(findings, cell_starts, per)
+    for i, s in enumerate(sections):
+        part = slice(i * nsub, (i + 1) * nsub)
+        row = _section_row(s.nr, s.flags, classes, cell_class[part], counts[part], inactive_causes[part])
+        row = dataclasses.replace(row, findings=tuple(severity[part]))
+        previous = rows[-1] if rows else None
+        if previous is not None and previous.last_nr + 1 < s.nr:
+            rows.append(Row(previous.last_nr + 1, s.nr - 1, False, (), (), (), False, ()))
+        elif previous is not None and previous.present and _same(previous, row):
+            rows[-1] = dataclasses.replace(previous, last_nr=s.nr)
+            continue
+        rows.append(row)
+    return MemoryMap(layout.release, layout.pages_per_section, per, classes, rows, findings)
+
+
+def _dominant(counts: np.ndarray, classes: list[CellClass]) -> list[str]:
+    """Each cell's class: the one covering most pfns; a collision when device and other memmap meet."""
+    keys = [c.key for c in classes]
+    collided = _collided(counts, classes)
+    chosen = counts.argmax(axis=1)
+    return ["collision" if c else keys[k] for k, c in zip(chosen.tolist(), collided.tolist(), strict=True)]
+
+
+def _collided(counts: np.ndarray, classes: list[CellClass]) -> np.ndarray:
+    """Per row of counts: ZONE_DEVICE pages and RAM pages (online or offline) both counted.
+
+    An inactive device pfn (altmap reserve, memmap not yet initialized) is still a device pfn, but its
+    class says only "inactive": collisions are judged on the classes that say what a pfn is."""
+    device = np.array([c.key.startswith("device-") for c in classes])
+    ram = np.array([c.key.startswith("online-") or c.key == "offline" for c in classes])
+    both: np.ndarray = (counts[:, device].sum(axis=1) > 0) & (counts[:, ram].sum(axis=1) > 0)
+    return both
+
+
+def _finding_marks(findings: list[Finding], cell_starts: np.ndarray, per: int) -> list[str]:
+    """Per cell: the worst severity (error, warning) of the findings whose pfns it holds, or ""."""
+    marks = [""] * cell_starts.size
+    for f in sorted(findings, key=lambda f: f.severity != ERROR):  # errors first: a cell keeps the worst
+        if f.severity not in (ERROR, WARNING):
+            continue
+        lo = int(np.searchsorted(cell_starts + np.uint64(per), np.uint64(f.pfn_start), side="right"))
+        hi = int(np.searchsorted(cell_starts, np.uint64(f.pfn_end), side="left"))
+        for i in range(lo, hi):
+            marks[i] = marks[i] or f.severity
+    return marks
+
+
+def _section_row(
+    nr: int,
+    flags: tuple[str, ...],
+    classes: list[CellClass],
+    cells: list[str],
+    counts: np.ndarray,
+    causes: np.ndarray,
+) -> Row:
+    details = []
+    for cell_counts, cell_causes in zip(counts, causes.tolist(), strict=True):
+        parts = [f"{n} {classes[k].key}" for k, n in enumerate(cell_counts.tolist()) if n]
+        why = model.causes(cell_causes)
+        details.append(", ".join(parts) + (f" (inactive: {', '.join(why)})" if why else ""))
+    collision = bool(_collided(counts.sum(axis=0, keepdims=True), classes)[0])
+    return Row(nr, nr, True, tuple(cells), tuple(details), (), collision, flags)
+
+
+def _same(a: Row, b: Row) -> bool:
+    return (a.cells, a.details, a.findings, a.collision, a.flags) == (
+        b.cells,
+        b.details,
+        b.findings,
+        b.collision,
+        b.flags,
+    )
+
+
+# -- drawing ----------------------------------------------------------------------------------------
+
+
+def _row_label(row: Row) -> str:
+    if row.count == 1:
+        return str(row.first_nr)
+    return f"{row.first_nr}-{row.last_nr}"
+
+
+def render_terminal(memory_map: MemoryMap, colour: bool) -> str:
+    """One line per row: the section number(s), a cell per subsection, the findings; then a legend."""
+    by_key = {c.key: c for c in memory_map.classes}
+    lines = [f"{memory_map.release}: one cell = {memory_map.pages_per_subsection} pages; * after NR: collision"]
+    for row in memory_map.rows:
+        label = _row_label(row) + ("*" if row.collision else "")
+        if not row.present:
+            lines.append(f"{label:>12}  (not present)")
+            continue
+        cells = "".join(
+            _terminal_cells(by_key[k], mark, len(list(same)), colour)
+            for (k, mark), same in itertools.groupby(zip(row.cells, row.findings, strict=True))
+        )
+        marks = sorted({m for m in row.findings if m})
+        suffix = f"  x{row.count}" if row.count > 1 else ""
+        suffix += f"  {'/'.join(marks)}" if marks else ""
+        lines.append(f"{label:>12}  {cells}{suffix}")
+    used = {k for row in memory_map.rows for k in row.cells}
+    legend = [f"{_terminal_cells(c, '', 1, colour)} {c.label}" for c in memory_map.classes if c.key in used]
+    if any(m for row in memory_map.rows for m in row.findings):
+        legend.append(
+            "error/warning after a row: findings touch its cells" + (" (red/orange background)" if colour else "")
+        )
+    return "\n".join(lines + ["", "legend:"] + [f"  {entry}" for entry in legend])
+
+
+def _terminal_cells(cell: CellClass, mark: str, count: int, colour: bool) -> str:
+    """count cells of one class and finding mark: glyphs, on the class's colour (the finding's, if any)."""
+    if not colour:
+        return cell.glyph * count
+    background = ANSI_256[FINDING_COLOURS[mark]] if mark else ANSI_256[cell.colour]
+    foreground = ANSI_256[cell.colour] if mark else 16 if cell.key != "unmapped" else 255
+    return f"\x1b[38;5;{foreground};48;5;{background}m{cell.glyph * count}\x1b[0m"
+
+
+CELL, GAP, LABEL_WIDTH, LEGEND_TOP, LEGEND_ROW = 12, 1, 110, 50, 18
+
+
+def svg_geometry(memory_map: MemoryMap) -> tuple[int, int, int]:
+    """(width, height, y of the first map row) of the drawing, in pixels."""
+    nsub = memory_map.pages_per_section // memory_map.pages_per_subsection
+    legend_height = LEGEND_TOP + (len(memory_map.classes) + len(FINDING_COLOURS)) * LEGEND_ROW + 10
+    width = LABEL_WIDTH + nsub * (CELL + GAP) + 140
+    return width, legend_height + len(memory_map.rows) * (CELL + GAP) + 20, legend_height
+
+
+def render_html(memory_map: MemoryMap) -> str:
+    """A standalone HTML page: one SVG (legend, then a row per section or collapsed run), hover details in
+    SVG <title>s; every section row a <g data-section="NR"> (data-last-section for collapsed runs), every
+    cell a <rect data-subsection="I" data-state="KEY">."""
+    width, height, top = svg_geometry(memory_map)
+    body = "\n".join(_svg_parts(memory_map, top))
+    title = html.escape(f"kmeminspect map: {memory_map.release}")
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ margin: 0; background: #fff; font-family: monospace; }}
+svg text {{ font-family: monospace; font-size: 12px; }}
+g.row:hover text {{ font-weight: bold; }}
+rect.cell:hover {{ stroke: #000; stroke-width: 2; }}
+</style></head>
+<body>
+<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">
+<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>
+{body}
+</svg>
+</body></html>
+"""
+
+
+def _svg_parts(memory_map: MemoryMap, top: int) -> Iterator[str]:
+    esc = html.escape
+    per = memory_map.pages_per_section
+    yield f'<text x="8" y="20">{esc(memory_map.release)}: a row per section, a cell per subsection </text>'
+    yield f'<text x="8" y="38">({memory_map.pages_per_subsection} pages); hover for details</text>'
+    for i, c in enumerate(memory_map.classes):
+        y = LEGEND_TOP + i * LEGEND_ROW
+        yield (
+            f'<g data-legend="{c.key}"><rect x="8" y="{y}" width="{CELL}" height="{CELL}" fill="{c.colour}" '
+            f'stroke="#888"/><text x="{8 + CELL + 8}" y="{y + CELL - 2}">{esc(c.label)}</text></g>'
+        )
+    y = LEGEND_TOP + len(memory_map.classes) * LEGEND_ROW
+    for severity, colour in FINDING_COLOURS.items():
+        yield (
+            f'<g data-legend="finding-{severity}"><rect x="8" y="{y}" width="{CELL}" height="{CELL}" fill="none" '
+            f'stroke="{colour}" stroke-width="2"/><text x="{8 + CELL + 8}" y="{y + CELL - 2}">'
+            f"outline: an audit {severity} touches the subsection</text></g>"
+        )
+        y += LEGEND_ROW
+    for n, row in enumerate(memory_map.rows):
+        y = top + n * (CELL + GAP)
+        label = _row_label(row) + (" *" if row.collision else "")
+        first_pfn = row.first_nr * per
+        end_pfn = (row.last_nr + 1) * per
+        span = f"sections {_row_label(row)}, pfns {first_pfn:#x}-{end_pfn:#x}"
+        if not row.present:
+            yield (
+                f'<g class="gap" data-gap="{row.first_nr}-{row.last_nr}"><title>{esc(span)}: not present</title>'
+                f'<text x="8" y="{y + CELL - 2}" fill="#888">{esc(label)} not present</text></g>'
+            )
+            continue
+        last = f' data-last-section="{row.last_nr}"' if row.count > 1 else ""
+        collision = ' data-collision="1"' if row.collision else ""
+        summary = f"{span}; {' '.join(row.flags)}" + (f" (x{row.count} identical)" if row.count > 1 else "")
+        yield f'<g class="row" data-section="{row.first_nr}"{last}{collision}><title>{esc(summary)}</title>'
+        yield f'<text x="8" y="{y + CELL - 2}">{esc(label)}</text>'
+        for i, (key, detail, mark) in enumerate(zip(row.cells, row.details, row.findings, strict=True)):
+            c = next(cls for cls in memory_map.classes if cls.key == key)
+            x = LABEL_WIDTH + i * (CELL + GAP)
+            sub = first_pfn + i * memory_map.pages_per_subsection
+            tip = f"section {row.first_nr} subsection {i}, pfns {sub:#x}-{sub + memory_map.pages_per_subsection:#x}: "
+            tip += detail + (f"; {mark} finding" if mark else "")
+            outline = (
+                f'stroke="{FINDING_COLOURS[mark]}" stroke-width="2"' if mark else 'stroke="#ddd" stroke-width="0.5"'
+            )
+            finding = f' data-finding="{mark}"' if mark else ""
+            yield (
+                f'<rect class="cell" data-subsection="{i}" data-state="{key}"{finding} x="{x}" y="{y}" '
+                f'width="{CELL}" height="{CELL}" fill="{c.colour}" {outline}><title>{esc(tip)}</title></rect>'
+            )
+        if row.count > 1:
+            yield f'<text x="{LABEL_WIDTH + len(row.cells) * (CELL + GAP) + 6}" y="{y + CELL - 2}">x{row.count}</text>'
+        yield "</g>"
