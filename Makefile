@@ -3,7 +3,7 @@ PYTHON ?= python3
 export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test test-slow check lint format fixtures bench bench-trace stress clean-cache
+.PHONY: setup demo test test-slow check lint format docs fixtures bench bench-trace stress clean-cache
 
 setup:           ## install apt and pip prerequisites (idempotent)
 	bash .ci/setup
@@ -25,6 +25,9 @@ lint:
 format:
 	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests
 	$(PYTHON) -m ruff check --fix kmeminspect vm-fixtures tests
+
+docs:            ## the documentation site in site/ (MkDocs; warnings, broken links and anchors fail)
+	$(PYTHON) -m mkdocs build --strict
 
 fixtures:        ## fetch every kernel and capture every scenario (what the VM tests use)
 	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures capture
