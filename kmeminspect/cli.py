@@ -61,8 +61,9 @@ class Context:
             click.echo(table())
 
 
-def struct_page(prog: Any, snap: Snapshot, pfn: int) -> dict[str, Any]:
-    """The full decode of one struct page of the kernel open in ``prog`` (a drgn Program)."""
+def struct_page(prog: Any, snap: Snapshot, pfn: int) -> dict[str, Any] | None:
+    """The full decode of one struct page of the kernel open in ``prog`` (a drgn Program), or None if its
+    memmap cannot be read."""
     from .kernel.layout import page_format
     from .kernel.pages import describe_page
 
