@@ -60,8 +60,12 @@ def _read(prog: Program, pfn_range: tuple[int, int] | None = None) -> Snapshot:
     from .errors import TargetError
     from .kernel import read_snapshot
 
-    if prog.main_module().wants_debug_file():
-        raise TargetError("no debug info for the kernel: start drgn with -s VMLINUX (the kernel's vmlinux)")
+    try:
+        missing = prog.main_module().wants_debug_file()
+    except LookupError:  # drgn made no module for the kernel (--no-default-symbols): no debug info either
+        missing = True
+    if missing:
+        raise TargetError("no debug info for the kernel: start drgn with -s VMLINUX (this build's vmlinux)")
     return read_snapshot(prog, pfn_range=pfn_range)
 
 

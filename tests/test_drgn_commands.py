@@ -147,6 +147,16 @@ def test_bad_arguments_are_command_errors(session: Session, line: str, error: ty
     assert words in str(raised.value) and "\n" not in str(raised.value)
 
 
+@pytest.mark.vm
+def test_no_debug_info_is_one_line(session: Session) -> None:
+    """drgn opened the dump without the kernel's debug info (``--no-default-symbols``, or another build's
+    vmlinux): the command says what to do instead of failing inside a reader."""
+    prog = drgn.Program()
+    prog.set_core_dump(str(session.capture.elf))
+    with pytest.raises(CommandError, match=r"^kmeminspect sections: no debug info for the kernel: start drgn with -s"):
+        run_command(prog, "kmeminspect sections")
+
+
 def _entry_point_on_path(directory: Path) -> None:
     """An installation's metadata for kmeminspect with pyproject.toml's drgn.plugins entry points, so the
     test needs no ``pip install`` of this checkout."""
