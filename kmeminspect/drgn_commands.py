@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from drgn import Program, ProgramFlags
@@ -42,17 +41,18 @@ SUBCOMMANDS = CommandNamespace(func_name_prefix="_subcommand_")
 JSON = argument("--json", action="store_true", help="print one JSON object, as kmeminspect --json does")
 
 
-@contextmanager
-def _as_command_errors(subcommand: str) -> Iterator[None]:
-    """kmeminspect's errors as drgn's: one line, no traceback (a bad argument is an argument error)."""
+def _show(subcommand: str, as_json: bool, make_view: Callable[[], View]) -> None:
+    """Print a view (its JSON object with ``as_json``, else its table). kmeminspect's errors become drgn's:
+    one line, no traceback, and a bad argument is an argument error."""
     from .errors import KmemError, UsageError
 
     try:
-        yield
+        data, table = make_view()
     except UsageError as error:
         raise CommandArgumentError(f"kmeminspect {subcommand}: {error}") from None
     except KmemError as error:
         raise CommandError(f"kmeminspect {subcommand}: {error}") from None
+    print(json.dumps(data, indent=1) if as_json else table())
 
 
 def _read(prog: Program, pfn_range: tuple[int, int] | None = None) -> Snapshot:
@@ -69,17 +69,11 @@ def _read(prog: Program, pfn_range: tuple[int, int] | None = None) -> Snapshot:
     return read_snapshot(prog, pfn_range=pfn_range)
 
 
-def _print(view: View, as_json: bool) -> None:
-    data, table = view
-    print(json.dumps(data, indent=1) if as_json else table())
-
-
 @command(description="one row per present section, like crash's kmem -n", arguments=(JSON,), namespace=SUBCOMMANDS)
 def _subcommand_sections(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     from .cli import sections_view
 
-    with _as_command_errors(name):
-        _print(sections_view(_read(prog)), args.json)
+    _show(name, args.json, lambda: sections_view(_read(prog)))
 
 
 @command(
@@ -90,8 +84,7 @@ def _subcommand_sections(prog: Program, name: str, args: argparse.Namespace, **k
 def _subcommand_blocks(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     from .cli import blocks_view
 
-    with _as_command_errors(name):
-        _print(blocks_view(_read(prog)), args.json)
+    _show(name, args.json, lambda: blocks_view(_read(prog)))
 
 
 @command(
@@ -102,9 +95,11 @@ def _subcommand_blocks(prog: Program, name: str, args: argparse.Namespace, **kwa
 def _subcommand_pfn(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     from .cli import parse_pfns, pfn_view
 
-    with _as_command_errors(name):
+    def explain() -> View:
         start, end, is_range = parse_pfns(args.pfns)
-        _print(pfn_view(_read(prog, (start, end)), start, end, is_range, prog), args.json)
+        return pfn_view(_read(prog, (start, end)), start, end, is_range, prog)
+
+    _show(name, args.json, explain)
 
 
 @command(
@@ -116,9 +111,11 @@ def _subcommand_audit(prog: Program, name: str, args: argparse.Namespace, **kwar
     from . import audit
     from .cli import audit_view
 
-    with _as_command_errors(name):
+    def findings() -> View:
         snap = _read(prog)
-        _print(audit_view(snap, audit.audit(snap), args.errors_only), args.json)
+        return audit_view(snap, audit.audit(snap), args.errors_only)
+
+    _show(name, args.json, findings)
 
 
 def usage(prog: Program) -> str:
