@@ -21,6 +21,9 @@ from . import snapshot as snapshot_mod
 from .errors import KmemError, UsageError
 from .state import MEMMAP_NAMES, MEMMAP_NOT_IN_DUMP, Snapshot
 
+#: what a command prints: its ``--json`` object, and a function making its table for a terminal
+View = tuple[dict[str, Any], Callable[[], str]]
+
 SECTION_LETTERS = {
     "SECTION_MARKED_PRESENT": "P",
     "SECTION_HAS_MEM_MAP": "M",
@@ -53,20 +56,20 @@ class Context:
         self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
         return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
 
-    def page(self, snap: Snapshot, pfn: int) -> dict[str, Any] | None:
-        """The full decode of one struct page, when a kernel (not a snapshot file) is open."""
-        if self.prog is None:
-            return None
-        from .kernel.layout import page_format
-        from .kernel.pages import describe_page
-
-        return describe_page(self.prog, snap.layout, page_format(self.prog, len(snap.layout.zone_names)), pfn)
-
     def emit(self, data: dict[str, Any], table: Callable[[], str]) -> None:
         if self.as_json:
             click.echo(json.dumps(data, indent=1))
         else:
             click.echo(table(), color=self.colour)  # click strips colour off a terminal unless told
+
+
+def struct_page(prog: Any, snap: Snapshot, pfn: int) -> dict[str, Any] | None:
+    """The full decode of one struct page of the kernel open in ``prog`` (a drgn Program), or None if its
+    memmap cannot be read."""
+    from .kernel.layout import page_format
+    from .kernel.pages import describe_page
+
+    return describe_page(prog, snap.layout, page_format(prog, len(snap.layout.zone_names)), pfn)
 
 
 def fail(message: str) -> NoReturn:
@@ -154,67 +157,110 @@ def _state_letters(flags: tuple[str, ...]) -> str:
     return "".join(letter for name, letter in SECTION_LETTERS.items() if name in flags)
 
 
+def sections_view(snap: Snapshot) -> View:
+    """`sections`: one row per present section, as JSON data and as a table."""
+    nids = _section_nid(snap)
+    mask = snap.layout.section_flags["SECTION_MAP_MASK"]
+    rows: list[dict[str, Any]] = [
+        {
+            "nr": s.nr,
+            "start_pfn": s.start_pfn,
+            "nr_pages": s.nr_pages,
+            "flags": list(s.flags),
+            "subsection_map": hex(s.subsection_map),
+            "nid": nids[s.nr],
+            "section": hex(s.address),
+            "coded_mem_map": hex(s.section_mem_map & mask),
+            "mem_map": hex(s.memmap),
+        }
+        for s in snap.sections
+    ]
+
+    def table() -> str:
+        return (
+            tabulate(
+                [
+                    [
+                        r["nr"],
+                        f"{int(r['section'], 16):x}",
+                        f"{int(r['coded_mem_map'], 16):x}",
+                        f"{int(r['mem_map'], 16):x}",
+                        _state_letters(tuple(r["flags"])),
+                        r["start_pfn"],
+                        f"{int(r['subsection_map'], 16):016x}",
+                        "-" if r["nid"] is None else r["nid"],
+                    ]
+                    for r in rows
+                ],
+                headers=[
+                    "NR",
+                    "SECTION",
+                    "CODED_MEM_MAP",
+                    "MEM_MAP",
+                    "STATE",
+                    "PFN",
+                    "SUBSECTIONS",
+                    "NID",
+                ],
+                colalign=("right", "left", "left", "left", "left", "right", "left", "right"),
+            )
+            + "\nSTATE: P present, M has memmap, O online, E early, D tainted ZONE_DEVICE, V vmemmap preinit"
+        )
+
+    return {"sections": rows}, table
+
+
 @main.command()
 @click.pass_obj
 def sections(obj: Context) -> None:
     """One row per present section (like crash's kmem -n)."""
 
     def run() -> None:
-        snap = obj.snapshot()
-        nids = _section_nid(snap)
-        mask = snap.layout.section_flags["SECTION_MAP_MASK"]
-        rows: list[dict[str, Any]] = [
-            {
-                "nr": s.nr,
-                "start_pfn": s.start_pfn,
-                "nr_pages": s.nr_pages,
-                "flags": list(s.flags),
-                "subsection_map": hex(s.subsection_map),
-                "nid": nids[s.nr],
-                "section": hex(s.address),
-                "coded_mem_map": hex(s.section_mem_map & mask),
-                "mem_map": hex(s.memmap),
-            }
-            for s in snap.sections
-        ]
-
-        def table() -> str:
-            return (
-                tabulate(
-                    [
-                        [
-                            r["nr"],
-                            f"{int(r['section'], 16):x}",
-                            f"{int(r['coded_mem_map'], 16):x}",
-                            f"{int(r['mem_map'], 16):x}",
-                            _state_letters(tuple(r["flags"])),
-                            r["start_pfn"],
-                            f"{int(r['subsection_map'], 16):016x}",
-                            "-" if r["nid"] is None else r["nid"],
-                        ]
-                        for r in rows
-                    ],
-                    headers=[
-                        "NR",
-                        "SECTION",
-                        "CODED_MEM_MAP",
-                        "MEM_MAP",
-                        "STATE",
-                        "PFN",
-                        "SUBSECTIONS",
-                        "NID",
-                    ],
-                    colalign=("right", "left", "left", "left", "left", "right", "left", "right"),
-                )
-                + "\nSTATE: P present, M has memmap, O online, E early, D tainted ZONE_DEVICE, V vmemmap preinit"
-            )
-
-        obj.emit({"sections": rows}, table)
+        obj.emit(*sections_view(obj.snapshot()))
 
     _run(run)
 
 
 # -- blocks -----------------------------------------------------------------------------------------
+
+
+def blocks_view(snap: Snapshot) -> View:
+    """`blocks`: one row per memory block, as JSON data and as a table."""
+    shift = snap.layout.page_shift
+    rows = [
+        {
+            "id": b.id,
+            "start_pfn": b.start_pfn,
+            "nr_pages": b.nr_pages,
+            "phys_start": hex(b.start_pfn << shift),
+            "phys_end": hex((b.start_pfn + b.nr_pages) << shift),
+            "state": b.state,
+            "online_type": b.online_type,
+            "zone": b.zone,
+            "nid": b.nid,
+            "nr_vmemmap_pages": b.nr_vmemmap_pages,
+        }
+        for b in snap.blocks
+    ]
+
+    def table() -> str:
+        return tabulate(
+            [
+                [
+                    r["id"],
+                    f"{r['phys_start']}-{r['phys_end']}",
+                    r["state"],
+                    r["zone"] or "-",
+                    r["nid"],
+                    r["online_type"] or "-",
+                    r["nr_vmemmap_pages"],
+                ]
+                for r in rows
+            ],
+            headers=["BLOCK", "RANGE", "STATE", "ZONE", "NODE", "ONLINE_TYPE", "VMEMMAP"],
+        )
+
+    return {"blocks": rows}, table
 
 
 @main.command()
@@ -223,42 +269,7 @@ def blocks(obj: Context) -> None:
     """Memory blocks: range, state, zone, node, memmap_on_memory pages."""
 
     def run() -> None:
-        snap = obj.snapshot()
-        shift = snap.layout.page_shift
-        rows = [
-            {
-                "id": b.id,
-                "start_pfn": b.start_pfn,
-                "nr_pages": b.nr_pages,
-                "phys_start": hex(b.start_pfn << shift),
-                "phys_end": hex((b.start_pfn + b.nr_pages) << shift),
-                "state": b.state,
-                "online_type": b.online_type,
-                "zone": b.zone,
-                "nid": b.nid,
-                "nr_vmemmap_pages": b.nr_vmemmap_pages,
-            }
-            for b in snap.blocks
-        ]
-
-        def table() -> str:
-            return tabulate(
-                [
-                    [
-                        r["id"],
-                        f"{r['phys_start']}-{r['phys_end']}",
-                        r["state"],
-                        r["zone"] or "-",
-                        r["nid"],
-                        r["online_type"] or "-",
-                        r["nr_vmemmap_pages"],
-                    ]
-                    for r in rows
-                ],
-                headers=["BLOCK", "RANGE", "STATE", "ZONE", "NODE", "ONLINE_TYPE", "VMEMMAP"],
-            )
-
-        obj.emit({"blocks": rows}, table)
+        obj.emit(*blocks_view(obj.snapshot()))
 
     _run(run)
 
@@ -326,6 +337,69 @@ def describe(snap: Snapshot, row: np.void) -> dict[str, Any]:
     }
 
 
+def pfn_view(snap: Snapshot, start: int, end: int, is_range: bool, prog: Any = None) -> View:
+    """`pfn`: explain pfns [start, end) of a snapshot read for that range, as JSON data and as text.
+
+    A single pfn (not ``is_range``) gets the full decode of its struct page when ``prog``, the drgn Program
+    the snapshot was read from, is given; a range prints runs of identical state."""
+    limit = snap.end_pfn()
+    if start >= limit:
+        raise UsageError(f"pfn {start:#x} is beyond the highest present section (pfns end at {limit:#x})")
+    seg = model.segments(snap, start, min(end, limit))
+    runs: list[dict[str, Any]] = []
+    for row in seg:
+        d = describe(snap, row)
+        key = {k: v for k, v in d.items() if k not in ("section_nr", "subsection")}
+        if runs and runs[-1]["_key"] == key and runs[-1]["pfn_end"] == int(row["pfn_start"]):
+            runs[-1]["pfn_end"] = int(row["pfn_end"])
+        else:
+            runs.append({"pfn_start": int(row["pfn_start"]), "pfn_end": int(row["pfn_end"]), **d, "_key": key})
+    for r in runs:
+        del r["_key"]
+    if not is_range:
+        single = dict(runs[0], pfn=start)
+        del single["pfn_start"], single["pfn_end"]
+        page = struct_page(prog, snap, start) if prog is not None and single["memmap"] == "read" else None
+        if page is not None:
+            kind = page["page_type"]
+            single["flags"] = page.pop("flags") + ([f"Page{kind.capitalize()}"] if kind else [])
+            single["page"] = page
+        return {"pfns": [single]}, lambda: "\n".join(f"{k:20} {v}" for k, v in single.items())
+
+    def table() -> str:
+        return tabulate(
+            [
+                [
+                    f"{r['pfn_start']:#x}-{r['pfn_end']:#x}",
+                    r["pfn_end"] - r["pfn_start"],
+                    "y" if r["pfn_valid"] else "-",
+                    "y" if r["online_section"] else "-",
+                    "y" if r["pfn_to_online_page"] else "-",
+                    "y" if r["pfn_active"] else "-",
+                    r["zone"] or "-",
+                    "-" if r["nid"] is None else r["nid"],
+                    ",".join(r["flags"]) or "-",
+                    ",".join(r["inactive_causes"]) or "-",
+                ]
+                for r in runs
+            ],
+            headers=[
+                "PFNS",
+                "PAGES",
+                "VALID",
+                "ONLINE_SEC",
+                "ONLINE_PAGE",
+                "ACTIVE",
+                "ZONE",
+                "NID",
+                "FLAGS",
+                "WHY_INACTIVE",
+            ],
+        )
+
+    return {"runs": runs}, table
+
+
 @main.command()
 @click.argument("pfns")
 @click.pass_obj
@@ -335,68 +409,46 @@ def pfn(obj: Context, pfns: str) -> None:
     def run() -> None:
         start, end, is_range = parse_pfns(pfns)
         snap = obj.snapshot(pfn_range=(start, end))
-        limit = snap.end_pfn()
-        if start >= limit:
-            raise UsageError(f"pfn {start:#x} is beyond the highest present section (pfns end at {limit:#x})")
-        seg = model.segments(snap, start, min(end, limit))
-        runs: list[dict[str, Any]] = []
-        for row in seg:
-            d = describe(snap, row)
-            key = {k: v for k, v in d.items() if k not in ("section_nr", "subsection")}
-            if runs and runs[-1]["_key"] == key and runs[-1]["pfn_end"] == int(row["pfn_start"]):
-                runs[-1]["pfn_end"] = int(row["pfn_end"])
-            else:
-                runs.append({"pfn_start": int(row["pfn_start"]), "pfn_end": int(row["pfn_end"]), **d, "_key": key})
-        for r in runs:
-            del r["_key"]
-        if not is_range:
-            single = dict(runs[0], pfn=start)
-            del single["pfn_start"], single["pfn_end"]
-            page = obj.page(snap, start) if single["memmap"] == "read" else None
-            if page is not None:
-                kind = page["page_type"]
-                single["flags"] = page.pop("flags") + ([f"Page{kind.capitalize()}"] if kind else [])
-                single["page"] = page
-            obj.emit({"pfns": [single]}, lambda: "\n".join(f"{k:20} {v}" for k, v in single.items()))
-            return
-
-        def table() -> str:
-            return tabulate(
-                [
-                    [
-                        f"{r['pfn_start']:#x}-{r['pfn_end']:#x}",
-                        r["pfn_end"] - r["pfn_start"],
-                        "y" if r["pfn_valid"] else "-",
-                        "y" if r["online_section"] else "-",
-                        "y" if r["pfn_to_online_page"] else "-",
-                        "y" if r["pfn_active"] else "-",
-                        r["zone"] or "-",
-                        "-" if r["nid"] is None else r["nid"],
-                        ",".join(r["flags"]) or "-",
-                        ",".join(r["inactive_causes"]) or "-",
-                    ]
-                    for r in runs
-                ],
-                headers=[
-                    "PFNS",
-                    "PAGES",
-                    "VALID",
-                    "ONLINE_SEC",
-                    "ONLINE_PAGE",
-                    "ACTIVE",
-                    "ZONE",
-                    "NID",
-                    "FLAGS",
-                    "WHY_INACTIVE",
-                ],
-            )
-
-        obj.emit({"runs": runs}, table)
+        obj.emit(*pfn_view(snap, start, end, is_range, obj.prog))
 
     _run(run)
 
 
 # -- audit ------------------------------------------------------------------------------------------
+
+
+def audit_view(snap: Snapshot, findings: list[audit_mod.Finding], errors_only: bool) -> View:
+    """`audit`: the findings of a snapshot (error findings only with ``errors_only``), as JSON data and as a
+    table."""
+    shown = [f for f in findings if not errors_only or f.severity == audit_mod.ERROR]
+    data = {
+        "kernel": snap.layout.release,
+        "findings": [f.to_json() for f in shown],
+        "summary": audit_mod.summary(findings),
+    }
+
+    def table() -> str:
+        if not shown:
+            return f"{snap.layout.release}: no findings"
+        body = tabulate(
+            [
+                [
+                    f.severity,
+                    f.rule,
+                    f"{f.pfn_start:#x}-{f.pfn_end:#x}",
+                    f.pfn_end - f.pfn_start,
+                    f.message,
+                ]
+                for f in shown
+            ],
+            headers=["SEVERITY", "RULE", "PFNS", "PAGES", "MESSAGE"],
+            maxcolwidths=[None, None, None, None, 70],
+        )
+        counts = audit_mod.summary(findings)["by_severity"]
+        tally = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info"))
+        return f"{body}\n{snap.layout.release}: {tally}"
+
+    return data, table
 
 
 @main.command()
@@ -423,35 +475,7 @@ def audit(obj: Context, list_rules: bool, errors_only: bool) -> None:
             return 0
         snap = obj.snapshot()
         findings = audit_mod.audit(snap)
-        shown = [f for f in findings if not errors_only or f.severity == audit_mod.ERROR]
-        data = {
-            "kernel": snap.layout.release,
-            "findings": [f.to_json() for f in shown],
-            "summary": audit_mod.summary(findings),
-        }
-
-        def table() -> str:
-            if not shown:
-                return f"{snap.layout.release}: no findings"
-            body = tabulate(
-                [
-                    [
-                        f.severity,
-                        f.rule,
-                        f"{f.pfn_start:#x}-{f.pfn_end:#x}",
-                        f.pfn_end - f.pfn_start,
-                        f.message,
-                    ]
-                    for f in shown
-                ],
-                headers=["SEVERITY", "RULE", "PFNS", "PAGES", "MESSAGE"],
-                maxcolwidths=[None, None, None, None, 70],
-            )
-            counts = audit_mod.summary(findings)["by_severity"]
-            tally = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info"))
-            return f"{body}\n{snap.layout.release}: {tally}"
-
-        obj.emit(data, table)
+        obj.emit(*audit_view(snap, findings, errors_only))
         return audit_mod.exit_code(findings)
 
     _run(run)

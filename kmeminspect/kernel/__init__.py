@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from drgn import Program
+from drgn import Program, ProgramFlags
 
 from ..errors import ReadError
 from ..state import MEMMAP_NONE, MEMMAP_READ, Snapshot, merge_runs, uniform_run
@@ -40,9 +40,18 @@ def check_flags_layout(snapshot: Snapshot) -> None:
             )
 
 
+def program_source(prog: Program) -> dict[str, object]:
+    """What a snapshot's ``source`` says of the kernel open in ``prog``: a vmcore (its path), the running
+    kernel (``/proc/kcore``), or else a live kernel without a file: a QEMU guest over QMP."""
+    path = prog.core_dump_path
+    if not prog.flags & ProgramFlags.IS_LIVE:
+        return {"kind": "vmcore", "path": path}
+    return {"kind": "live" if path == "/proc/kcore" else "qemu", "path": path}
+
+
 def read_snapshot(
     prog: Program,
-    source: dict[str, object],
+    source: dict[str, object] | None = None,
     progress: Progress | None = None,
     pfn_range: tuple[int, int] | None = None,
     device_memmap_only: bool = False,
@@ -52,7 +61,7 @@ def read_snapshot(
     With ``pfn_range``, only the memmap of sections overlapping [start, end) is read; with
     ``device_memmap_only``, only that of sections holding ZONE_DEVICE ranges (what the tracer's seed needs
     of page content). The others get one "not read" run each (MEMMAP_NONE) and the layout cross-check is
-    skipped.
+    skipped. ``source`` describes the target in the snapshot; by default :func:`program_source`.
     """
     layout, fmt = read_layout(prog)
     sections = read_sections(prog, layout)
@@ -73,7 +82,7 @@ def read_snapshot(
         if progress:
             progress(i + 1, len(sections))
     snapshot = Snapshot(
-        source=dict(source, time=time.time()),
+        source=dict(source or program_source(prog), time=time.time()),
         layout=layout,
         sections=sections,
         blocks=blocks,
@@ -102,4 +111,4 @@ def terminal_progress(label: str) -> Progress | None:
     return show
 
 
-__all__ = ["read_snapshot", "check_flags_layout", "terminal_progress"]
+__all__ = ["program_source", "read_snapshot", "check_flags_layout", "terminal_progress"]

@@ -25,6 +25,8 @@ def _page_type(prog: Program, fmt: PageFormat, page_type: int) -> str | None:
     if fmt.offline_type_byte is not None:  # 6.12+: enum pagetype in the top byte
         kinds = {e.value: e.name for e in prog.type("enum pagetype").enumerators or ()}
         name = kinds.get(page_type >> 24)
+        if name == "PGTY_mapcount_underflow":
+            return None  # page_type_has_type() is false: the top byte 0xff is _mapcount -1 (unmapped), no type
         return name.removeprefix("PGTY_") if name and name.startswith("PGTY_") else None
     for kind in ("BUDDY", "OFFLINE", "SLAB", "HUGETLB", "TABLE", "GUARD"):
         value = _vmcoreinfo_number(prog, f"PAGE_{kind}_MAPCOUNT_VALUE")
