@@ -489,19 +489,25 @@ def audit(obj: Context, list_rules: bool, errors_only: bool) -> None:
 @click.pass_obj
 def map_command(obj: Context, html_file: str | None) -> None:
     """Sections x subsections, one cell each, coloured by state; runs of identical sections collapsed."""
-    from . import memorymap
 
     def run() -> None:
-        snap = obj.snapshot()
-        drawing = memorymap.build(snap)
-        if html_file:
-            try:
-                Path(html_file).write_text(memorymap.render_html(drawing))
-            except OSError as error:
-                raise UsageError(f"cannot write {html_file}: {error.strerror}; choose a writable path") from None
-        obj.emit(drawing.to_json(), lambda: memorymap.render_terminal(drawing, obj.colour))
+        obj.emit(*map_view(obj.snapshot(), html_file, obj.colour))
 
     _run(run)
+
+
+def map_view(snap: Snapshot, html_file: str | None, colour: bool) -> View:
+    """`map`: the snapshot's sections x subsections as JSON data and as a terminal drawing (coloured with
+    ``colour``); with ``html_file``, also written there as an HTML page."""
+    from . import memorymap
+
+    drawing = memorymap.build(snap)
+    if html_file:
+        try:
+            Path(html_file).write_text(memorymap.render_html(drawing))
+        except OSError as error:
+            raise UsageError(f"cannot write {html_file}: {error.strerror}; choose a writable path") from None
+    return drawing.to_json(), lambda: memorymap.render_terminal(drawing, colour)
 
 
 # -- snapshots --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ views of the ``kmeminspect`` CLI, with the same output::
     %kmeminspect blocks [--json]
     %kmeminspect pfn PFN|START-END [--json]
     %kmeminspect audit [--errors-only] [--json]
+    %kmeminspect map [--html FILE] [--color] [--json]
 
 Every drgn session loads its plugins, so this module imports drgn.commands only: the readers, the model,
 numpy and tabulate load at the first ``%kmeminspect``. See docs/drgn.md.
@@ -118,6 +119,25 @@ def _subcommand_audit(prog: Program, name: str, args: argparse.Namespace, **kwar
     _show(name, args.json, findings)
 
 
+@command(
+    description="sections x subsections, one cell each, coloured by state (docs/map.md)",
+    arguments=(
+        argument("--html", metavar="FILE", help="also write the map as a standalone HTML page"),
+        argument("--color", action="store_true", help="colour the cells (default: when stdout is a terminal)"),
+        JSON,
+    ),
+    namespace=SUBCOMMANDS,
+)
+def _subcommand_map(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    import os
+    import sys
+
+    from .cli import map_view
+
+    colour = args.color or (sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    _show(name, args.json, lambda: map_view(_read(prog), args.html, colour))
+
+
 def usage(prog: Program) -> str:
     """The subcommands, one line each: their usage and what they show."""
     lines = ["usage: kmeminspect SUBCOMMAND [ARGUMENT...]"]
@@ -136,7 +156,7 @@ def _is_linux_kernel(prog: Program) -> bool:
     usage="**kmeminspect** *subcommand* [*argument*...]",
     long_description="""
     kmeminspect's views of the kernel drgn has open: ``sections``, ``blocks``,
-    ``pfn PFN|START-END`` and ``audit``, each with ``--json``, printing what the
+    ``pfn PFN|START-END``, ``audit`` and ``map``, each with ``--json``, printing what the
     kmeminspect command line prints. Without a subcommand, or with ``help``,
     list the subcommands.
     """,

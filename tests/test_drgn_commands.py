@@ -132,6 +132,17 @@ def test_blocks_match_the_cli(session: Session) -> None:
 
 
 @pytest.mark.vm
+def test_map_matches_the_cli(session: Session, tmp_path: Path) -> None:
+    """The subsection view in drgn: the CLI's map, as JSON, as text and as the same HTML page."""
+    shown = json.loads(session.command(f"kmeminspect map --json --html {tmp_path / 'drgn.html'}"))
+    assert shown == json.loads(session.cli("--json", "map", "--html", str(tmp_path / "cli.html")))
+    assert (tmp_path / "drgn.html").read_text() == (tmp_path / "cli.html").read_text()
+    assert session.command("kmeminspect map") == session.cli("map")
+    assert "\x1b[" in session.command("kmeminspect map --color")
+    assert any(row["collision"] for row in shown["rows"])  # the scenario's shared section
+
+
+@pytest.mark.vm
 @pytest.mark.parametrize(
     ("line", "error", "words"),
     [
