@@ -20,7 +20,7 @@ import pytest
 from conftest import GENERATIONS
 from test_live import VMLINUX_SHARE, live_guest
 from vmfixtures.rootfs import RootfsGuest
-from vmfixtures.scenarios import DIMM_SIZE, SCENARIOS, add_dimm, memory_blocks
+from vmfixtures.scenarios import DIMM_SIZE, SCENARIOS, add_dimm, memory_blocks, wait_for
 from vmfixtures.vm import Result
 
 from kmeminspect.cli import stress_report_text
@@ -219,8 +219,9 @@ def kill_and_restore(guest: StressGuest, delay: float) -> dict[str, Any]:
     time.sleep(delay)
     guest.signal(signal.SIGKILL)
     guest.wait()
-    time.sleep(0.5)
-    assert not guest.walkers_alive()  # PR_SET_PDEATHSIG
+    # PR_SET_PDEATHSIG: the walkers get SIGKILL with their parent; one inside a long /proc/kpageflags read
+    # or a compaction dies when the kernel gets back to it, which a loaded TCG guest may take seconds to do
+    wait_for("the walkers to die with their parent", lambda: not guest.walkers_alive(), timeout=60)
     killed = guest.sysfs()
     changed = {b for b in before if state(killed[b]) != state(before[b])}
     assert changed <= cycled(guest, before)
