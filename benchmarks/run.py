@@ -10,7 +10,10 @@ several times each:
 - in process: kmeminspect's bulk memmap read per page, and one drgn Object per page (``page->flags``)
   over a sample, the slow way this project avoids.
 
-It prints medians, ratios, peak RSS and the machine, as a Markdown table for docs/benchmarks.md.
+Then a scaling row (time per page and peak RSS of each size against the smallest) and, in live guests of
+``--guest-mb`` (8 GiB), ``kmeminspect --qemu SOCKET audit`` from the host and ``kmeminspect --live audit``
+inside a rootfs guest (timed there, under TCG). It prints medians, ratios, peak RSS, the targets of
+issue 7 with pass or fail, and the machine, as Markdown tables for docs/benchmarks.md.
 makedumpfile 1.7 expects the program headers right after the ELF header; QEMU (7.2 here, and 10) puts
 a section header there and the program headers after it, so makedumpfile says "Can't get the number of
 PT_LOAD". The runner gives makedumpfile a sparse copy with the program header table moved to offset 64.
@@ -29,16 +32,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-fixtures"))
+# this checkout's kmeminspect, in this process and in the ones it starts (not an installed copy)
+sys.path[:0] = [
+    str(Path(__file__).resolve().parent.parent),
+    str(Path(__file__).resolve().parent.parent / "vm-fixtures"),
+]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
 
 from vmfixtures import download  # noqa: E402
 from vmfixtures.cache import cache_dir, locked, log  # noqa: E402
+from vmfixtures.rootfs import KMEMINSPECT_SHARE, RootfsGuest  # noqa: E402
 from vmfixtures.vm import Guest, Memory  # noqa: E402
 
 from kmeminspect.target import elf_program_headers  # noqa: E402
 
 GENERATION = "6.1"
+REPO = Path(__file__).resolve().parent.parent
+#: wait for deferred struct page init to finish, so the memmap is complete
+DEFERRED_INIT_DONE = "while ! dmesg | grep -q 'deferred pages initialised'; do sleep 0.5; done"
+
+
+def unreserved_ram(size_mb: int) -> list[str]:
+    """QEMU arguments backing guest RAM with a MAP_NORESERVE mapping (``reserve=off``).
+
+    The host's heuristic overcommit refuses one mapping larger than its RAM (a 32 GiB guest on this
+    24 GiB machine: "cannot set up guest memory 'pc.ram'"); the guest touches little of its RAM, and
+    a mapping that reserves no swap space is not counted against the heuristic.
+    """
+    return [
+        "-object",
+        f"memory-backend-ram,id=bench-ram,size={size_mb}M,reserve=off",
+        "-machine",
+        "memory-backend=bench-ram",
+    ]
 
 
 def build_dumps(kernel: download.Kernel, size_mb: int) -> tuple[Path, Path]:
@@ -50,9 +78,10 @@ def build_dumps(kernel: download.Kernel, size_mb: int) -> tuple[Path, Path]:
         directory.mkdir(parents=True, exist_ok=True)
         log(f"bench: booting a {size_mb} MiB guest of {kernel.release}")
         memory = Memory(boot_mb=size_mb, slots=1, maxmem_mb=size_mb + 1024)
-        with Guest(kernel, cmdline=["memhp_default_state=offline"], memory=memory) as guest:
-            # wait for deferred struct page init to finish, so the dump holds a complete memmap
-            guest.run("while ! dmesg | grep -q 'deferred pages initialised'; do sleep 0.5; done", timeout=600)
+        with Guest(
+            kernel, cmdline=["memhp_default_state=offline"], memory=memory, qemu_args=unreserved_ram(size_mb)
+        ) as guest:
+            guest.run(DEFERRED_INIT_DONE, timeout=600)
             guest.execute("stop")
             guest.dump(elf, "elf")
             subprocess.run(["fallocate", "--dig-holes", str(elf)], check=False)
@@ -165,10 +194,80 @@ def in_process(vmlinux: Path, elf: Path, kdump: Path, sample: int) -> dict[str, 
     }
 
 
+def guest_memory(size_mb: int) -> Memory:
+    return Memory(boot_mb=size_mb, slots=1, maxmem_mb=size_mb + 1024)
+
+
+def qemu_audit(kernel: download.Kernel, size_mb: int, repeat: int) -> dict[str, float]:
+    """``kmeminspect --qemu`` on a stopped guest of ``size_mb``: the audit's wall time (median of
+    ``repeat`` processes), then in one process where it goes: debug info, and the read with its QMP
+    memory reads (cProfile)."""
+    import cProfile
+    import pstats
+
+    from kmeminspect.kernel import read_snapshot
+    from kmeminspect.target import open_qemu
+
+    log(f"bench: booting a {size_mb} MiB guest for --qemu")
+    memory = guest_memory(size_mb)
+    with Guest(
+        kernel, cmdline=["memhp_default_state=offline"], memory=memory, qemu_args=unreserved_ram(size_mb)
+    ) as guest:
+        guest.run(DEFERRED_INIT_DONE, timeout=600)
+        guest.execute("stop")  # a still guest reads consistently
+        socket = str(guest.tools_qmp_path)
+        audit = [sys.executable, "-m", "kmeminspect", "--qemu", socket, "--vmlinux", str(kernel.vmlinux), "audit"]
+        times = [timed(audit) for _ in range(repeat)]
+        start = time.perf_counter()
+        prog = open_qemu(socket, kernel.vmlinux)
+        debug_info = time.perf_counter() - start
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.runcall(read_snapshot, prog, {"kind": "qemu"})
+        read = time.perf_counter() - start
+        stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+        memory_reads = [v for k, v in stats.items() if k[2] == "<method 'read' of '_drgn.Program' objects>"]
+        calls, _, _, read_seconds, _ = memory_reads[0] if memory_reads else (0, 0, 0, 0.0, None)
+        del prog
+    return {
+        "audit_s": statistics.median(times),
+        "debug_info_s": debug_info,
+        "read_s": read,
+        "memory_reads": calls,
+        "memory_read_s": read_seconds,
+    }
+
+
+def live_audit(kernel: download.Kernel, size_mb: int, repeat: int) -> float:
+    """``kmeminspect --live audit`` inside a rootfs guest of ``size_mb`` (this checkout and the vmlinux
+    shared over 9p), timed inside the guest: median seconds of ``repeat`` runs under TCG."""
+    log(f"bench: booting a {size_mb} MiB rootfs guest for --live")
+    shares = {KMEMINSPECT_SHARE: REPO, "vmlinux": kernel.vmlinux.parent}
+    vmlinux = f"/mnt/vmlinux/{kernel.vmlinux.name}"
+    with RootfsGuest(kernel, memory=guest_memory(size_mb), qemu_args=unreserved_ram(size_mb), shares=shares) as guest:
+        guest.run(DEFERRED_INIT_DONE, timeout=600)
+        times = []
+        for _ in range(repeat):
+            script = (
+                "start=$(date +%s.%N); "
+                f"kmeminspect --live --vmlinux {vmlinux} audit >/dev/null; status=$?; "
+                'end=$(date +%s.%N); [ $status -le 1 ] && echo "$start $end"'
+            )
+            start, end = guest.run(script, timeout=1800).text.split()
+            times.append(float(end) - float(start))
+    return statistics.median(times)
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="2048,8192", help="guest boot memory in MiB, comma separated")
+    parser.add_argument("--sizes", default="2048,8192,32768", help="guest boot memory in MiB, comma separated")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--guest-mb", type=int, default=8192, help="memory of the --qemu and --live guests")
+    parser.add_argument("--no-guests", action="store_true", help="skip the --qemu and --live measurements")
     args = parser.parse_args()
     apt = download.prepare_apt()
     kernel = download.fetch_kernel(GENERATION, apt, update=False)
@@ -197,6 +296,7 @@ def main() -> int:
                 "ratio_walk": inner["bulk_ns_per_page"] / (exclusion / pages * 1e9),
                 "object_ns": inner["object_ns_per_page"],
                 "rss_mb": rss / 1024,
+                "pages": pages,
             }
         )
     print(
@@ -231,7 +331,71 @@ def main() -> int:
             f"{r['rss_mb']:.0f}",
         ]
         print("| " + " | ".join(cells) + " |")
+    print_scaling(rows)
+    sys.stdout.flush()
+    qemu = None if args.no_guests else qemu_audit(kernel, args.guest_mb, args.repeat)
+    live = None if args.no_guests else live_audit(kernel, args.guest_mb, args.repeat)
+    print_targets(rows, qemu, live, args.guest_mb)
     return 0
+
+
+def print_scaling(rows: list[dict[str, Any]]) -> None:
+    """Each size against the smallest: memory, time per page (the walk and the audit), RSS growth."""
+    base = rows[0]
+    print(f"\nscaling against {base['size']}:\n")
+    header = [
+        "dump",
+        "memory ×",
+        "memmap walk per page ×",
+        "audit wall time ×",
+        "audit RSS growth (MB)",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [
+            str(r["size"]),
+            f"{r['pages'] / base['pages']:.1f}",
+            f"{r['walk_ns'] / base['walk_ns']:.2f}",
+            f"{r['kmem_audit_s'] / base['kmem_audit_s']:.2f}",
+            f"{r['rss_mb'] - base['rss_mb']:+.0f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_targets(rows: list[dict[str, Any]], qemu: dict[str, float] | None, live: float | None, guest_mb: int) -> None:
+    """Issue 7's targets, each with its measured figure and pass or fail."""
+    base = rows[0]
+    print("\ntargets (issue 7):\n")
+    for r in rows:
+        print(
+            f"- memmap walk {r['size']}: {r['walk_ns']:.1f} ns/page vs makedumpfile {r['mdf_ns']:.1f} "
+            f"({r['ratio_walk']:.2f}×, target ≤ 1): {verdict(r['ratio_walk'] <= 1)}"
+        )
+        print(
+            f"- end to end {r['size']}: audit {r['ratio_e2e']:.2f} of crash kmem -n (target ≤ 0.25): "
+            f"{verdict(r['ratio_e2e'] <= 0.25)}"
+        )
+    for r in rows[1:]:
+        growth = r["rss_mb"] - base["rss_mb"]
+        limit = 128 if r["pages"] / base["pages"] > 8 else 64
+        print(
+            f"- peak RSS {r['size']} vs {base['size']}: {growth:+.0f} MB (target < {limit}): {verdict(growth < limit)}"
+        )
+        print(
+            f"- linear time {base['size']} → {r['size']}: walk per page ×{r['walk_ns'] / base['walk_ns']:.2f}, "
+            f"audit ×{r['kmem_audit_s'] / base['kmem_audit_s']:.2f} for ×{r['pages'] / base['pages']:.1f} "
+            f"memory (target: per page no worse, ≤ 1.10): {verdict(r['walk_ns'] <= 1.10 * base['walk_ns'])}"
+        )
+    if qemu is not None:
+        print(
+            f"- --qemu audit of a {guest_mb // 1024} GiB guest: {qemu['audit_s']:.2f} s (target < 2 s): "
+            f"{verdict(qemu['audit_s'] < 2)}; in one process: debug info {qemu['debug_info_s']:.2f} s, read "
+            f"{qemu['read_s']:.3f} s of which {qemu['memory_reads']:.0f} QMP memory reads "
+            f"{qemu['memory_read_s']:.3f} s"
+        )
+    if live is not None:
+        print(f"- --live audit inside a {guest_mb // 1024} GiB rootfs guest (TCG, a figure): {live:.1f} s")
 
 
 if __name__ == "__main__":
