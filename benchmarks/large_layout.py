@@ -216,7 +216,8 @@ def build(sections_total: int) -> Snapshot:
 
 
 def measured(work: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
-    """Median seconds of ``repeat`` calls, peak traced MiB of one more, and its result."""
+    """Median seconds of ``repeat`` calls (after one to warm up), peak traced MiB of one more, and its result."""
+    work()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
