@@ -156,7 +156,7 @@ class MemmapReader:
         offline = self._offline(words)
         if offline is not None and offline.any():
             key |= offline.astype(np.uint64) << np.uint64(self.offline_bit)
-        all_read = bool(state.min() == MEMMAP_READ)
+        all_read = bool((state == MEMMAP_READ).all())
         if not all_read:
             key[state != MEMMAP_READ] = 0  # words there are zeros: nothing decoded, nothing zeroed
         change = key[1:] != key[:-1]
