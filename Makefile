@@ -20,7 +20,7 @@ check: lint      ## the fast tests only (no VM), in seconds
 lint:
 	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests benchmarks
 	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests benchmarks
-	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/trace.py benchmarks/large_layout.py
+	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/trace.py benchmarks/large_layout.py benchmarks/markdown.py tests/synthetic.py
 
 format:
 	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests

@@ -27,7 +27,22 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# this checkout's kmeminspect, and the synthetic kernel of the unit tests (its layout and constants)
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
+
+from markdown import markdown_header, markdown_row  # noqa: E402
+from synthetic import (  # noqa: E402
+    FLAGS,
+    PAGES_PER_SECTION,
+    PAGES_PER_SUBSECTION,
+    PGMAP,
+    VMEMMAP,
+    ZONE_DEVICE,
+    ZONE_DMA32,
+    ZONE_MOVABLE,
+    ZONE_NORMAL,
+    layout,
+)
 
 from kmeminspect import audit, memorymap, model  # noqa: E402
 from kmeminspect.state import (  # noqa: E402
@@ -36,7 +51,6 @@ from kmeminspect.state import (  # noqa: E402
     RUN_DTYPE,
     Altmap,
     Block,
-    Layout,
     Node,
     Pagemap,
     Section,
@@ -45,41 +59,9 @@ from kmeminspect.state import (  # noqa: E402
     merge_runs,
 )
 
-PAGE_SHIFT, SECTION_SIZE_BITS, SUBSECTION_SHIFT = 12, 27, 21
-PAGES_PER_SECTION = 1 << (SECTION_SIZE_BITS - PAGE_SHIFT)
-PAGES_PER_SUBSECTION = 1 << (SUBSECTION_SHIFT - PAGE_SHIFT)
 SUBSECTIONS = PAGES_PER_SECTION // PAGES_PER_SUBSECTION
 SECTIONS_PER_BLOCK = 16
 NODES = 4
-FLAGS = {
-    "SECTION_MARKED_PRESENT": 0x1,
-    "SECTION_HAS_MEM_MAP": 0x2,
-    "SECTION_IS_ONLINE": 0x4,
-    "SECTION_IS_EARLY": 0x8,
-    "SECTION_TAINT_ZONE_DEVICE": 0x10,
-    "SECTION_MAP_MASK": ~0x1F & 0xFFFFFFFFFFFFFFFF,
-}
-ZONE_NAMES = ("DMA", "DMA32", "Normal", "Movable", "Device")
-ZONE_DMA32, ZONE_NORMAL, ZONE_MOVABLE, ZONE_DEVICE = 1, 2, 3, 4
-VMEMMAP = 0xFFFFEA0000000000
-PGMAP = 0xFFFF888012340000
-
-
-def _layout() -> Layout:
-    return Layout(
-        release="synthetic",
-        page_shift=PAGE_SHIFT,
-        section_size_bits=SECTION_SIZE_BITS,
-        subsection_shift=SUBSECTION_SHIFT,
-        zone_names=ZONE_NAMES,
-        zone_device=ZONE_DEVICE,
-        section_flags=FLAGS,
-        pageflags={"PG_reserved": 12},
-        struct_page_size=64,
-        vmemmap_base=VMEMMAP,
-        max_pfn=0,
-        pfn_to_online_page="taint-pgmap",
-    )
 
 
 def _section(nr: int, flags: int, subsection_map: int = (1 << SUBSECTIONS) - 1) -> Section:
@@ -204,7 +186,7 @@ def build(sections_total: int) -> Snapshot:
     table = np.array(sorted(runs), dtype=RUN_DTYPE)
     return Snapshot(
         source={"kind": "synthetic"},
-        layout=_layout(),
+        layout=layout(),
         sections=sections,
         blocks=sorted(blocks, key=lambda b: b.id),
         pagemaps=pagemaps,
@@ -248,11 +230,11 @@ def main() -> int:
         "µs per section",
         "per section vs smallest",
     ]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print(markdown_header(header))
     baseline = None
+    section_mib = layout().pages_per_section << layout().page_shift >> 20
     for gib in [int(s) for s in args.sizes.split(",")]:
-        sections_total = gib * 1024 // (PAGES_PER_SECTION >> (20 - PAGE_SHIFT))
+        sections_total = gib * 1024 // section_mib
         snapshot = build(sections_total)
         seg_s, seg_peak, seg = measured(lambda: model.segments(snapshot), args.repeat)  # noqa: B023
         audit_s, audit_peak, findings = measured(lambda: audit.audit(snapshot, seg), args.repeat)  # noqa: B023
@@ -274,7 +256,7 @@ def main() -> int:
             f"{per_section:.1f}",
             f"{per_section / baseline:.2f}",
         ]
-        print("| " + " | ".join(cells) + " |", flush=True)
+        print(markdown_row(cells), flush=True)
     return 0
 
 

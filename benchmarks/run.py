@@ -4,11 +4,12 @@ For each guest size (boot memory only; the 6.1 kernel, the one bookworm's crash 
 reuses an ELF and a kdump-compressed dump under ``$KMEMINSPECT_CACHE/bench``, then runs, alternating,
 several times each:
 
-- ``kmeminspect --vmcore D audit`` end to end (a new process: Python start, debug info, every memmap);
-- ``crash -s VMLINUX D`` running ``kmem -n`` (the section table every analyst knows);
+- ``kmeminspect --vmcore ELF audit`` end to end (a new process: Python start, debug info, every memmap)
+  and ``crash -s VMLINUX ELF`` running ``kmem -n`` (the section table every analyst knows) on the same
+  ELF dump, and the same audit of the kdump-compressed dump (QEMU's flattened output, reassembled);
 - ``makedumpfile -d 31`` on the ELF dump, whose "Excluding unnecessary pages" stage walks every memmap;
-- in process: kmeminspect's bulk memmap read per page, and one drgn Object per page (``page->flags``)
-  over a sample, the slow way this project avoids.
+- in process: kmeminspect's memmap walk alone and its whole read per page, and one drgn Object per page
+  (``page->flags``) over a sample, the slow way this project avoids.
 
 Then a scaling row (time per page and peak RSS of each size against the smallest) and, in live guests of
 ``--guest-mb`` (8 GiB), ``kmeminspect --qemu SOCKET audit`` from the host and ``kmeminspect --live audit``
@@ -41,6 +42,7 @@ sys.path[:0] = [
 ]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
 
+from markdown import markdown_header, markdown_row  # noqa: E402
 from vmfixtures import download  # noqa: E402
 from vmfixtures.cache import cache_dir, locked, log  # noqa: E402
 from vmfixtures.rootfs import KMEMINSPECT_SHARE, RootfsGuest  # noqa: E402
@@ -360,8 +362,7 @@ def main() -> int:
         "drgn Object per page (ns)",
         "audit peak RSS (MB)",
     ]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print(markdown_header(header))
     for r in rows:
         cells = [
             str(r["size"]),
@@ -378,7 +379,7 @@ def main() -> int:
             f"{r['object_ns']:.0f}",
             f"{r['rss_mb']:.0f}",
         ]
-        print("| " + " | ".join(cells) + " |")
+        print(markdown_row(cells))
     print_scaling(rows)
     sys.stdout.flush()
     qemu = None if args.no_guests else qemu_audit(kernel, args.guest_mb, args.repeat)
@@ -401,8 +402,7 @@ def print_scaling(rows: list[dict[str, Any]]) -> None:
         "audit wall time, kdump-zlib ×",
         "audit RSS growth (MB)",
     ]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print(markdown_header(header))
     for r in rows:
         cells = [
             str(r["size"]),
@@ -414,7 +414,7 @@ def print_scaling(rows: list[dict[str, Any]]) -> None:
             f"{r['kdump_audit_s'] / base['kdump_audit_s']:.2f}",
             f"{r['rss_mb'] - base['rss_mb']:+.0f}",
         ]
-        print("| " + " | ".join(cells) + " |")
+        print(markdown_row(cells))
 
 
 def print_targets(rows: list[dict[str, Any]], qemu: dict[str, float] | None, live: float | None, guest_mb: int) -> None:
@@ -451,7 +451,7 @@ def print_targets(rows: list[dict[str, Any]], qemu: dict[str, float] | None, liv
         print(
             f"- --qemu audit of a {guest_mb // 1024} GiB guest: {qemu['audit_s']:.2f} s (target < 2 s): "
             f"{verdict(qemu['audit_s'] < 2)}; in one process: debug info {qemu['debug_info_s']:.2f} s, read "
-            f"{qemu['read_s']:.3f} s of which {qemu['memory_reads']:.0f} QMP memory reads "
+            f"{qemu['read_s']:.3f} s of which {qemu['memory_reads']:.0f} drgn memory reads "
             f"{qemu['memory_read_s']:.3f} s"
         )
     if live is not None:
