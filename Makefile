@@ -3,7 +3,7 @@ PYTHON ?= python3
 export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test test-slow check lint format docs fixtures bench bench-trace stress clean-cache
+.PHONY: setup demo test test-slow check lint format docs fixtures bench bench-large bench-trace stress clean-cache
 
 setup:           ## install apt and pip prerequisites (idempotent)
 	bash .ci/setup
@@ -20,7 +20,7 @@ check: lint      ## the fast tests only (no VM), in seconds
 lint:
 	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests benchmarks
 	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests benchmarks
-	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/trace.py
+	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/trace.py benchmarks/large_layout.py benchmarks/markdown.py tests/synthetic.py
 
 format:
 	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests
@@ -32,8 +32,12 @@ docs:            ## the documentation site in site/ (MkDocs; warnings, broken li
 fixtures:        ## fetch every kernel and capture every scenario (what the VM tests use)
 	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures capture
 
-bench:           ## kmeminspect against crash and makedumpfile on 2 and 8 GiB dumps (docs/benchmarks.md)
+bench:           ## kmeminspect against crash and makedumpfile on 2, 8 and 32 GiB dumps, --qemu, --live, then bench-large (docs/benchmarks.md)
 	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/large_layout.py
+
+bench-large:     ## the model, audit and map on synthetic snapshots of 256 GiB to 16 TiB machines (no reading)
+	$(PYTHON) benchmarks/large_layout.py
 
 bench-trace:     ## the cost of kmeminspect trace against bcc stackcount, in rootfs guests (docs/benchmarks.md)
 	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/trace.py

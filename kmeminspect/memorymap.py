@@ -174,7 +174,14 @@ def classify_segments(snapshot: Snapshot, seg: np.ndarray, classes: list[CellCla
 
 def _pieces(seg: np.ndarray, cell_starts: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut the segments at subsection boundaries: (segment index, cell index, pages) of every piece."""
-    cuts = np.unique(np.concatenate((seg["pfn_start"], seg["pfn_end"], cell_starts, cell_starts + np.uint64(per))))
+    if seg.size == 0:
+        none = np.zeros(0, dtype=np.int64)
+        return none, none, none
+    # four sorted arrays: a stable sort (timsort) merges them in linear time, where np.unique would hash
+    cuts = np.sort(
+        np.concatenate((seg["pfn_start"], seg["pfn_end"], cell_starts, cell_starts + np.uint64(per))), kind="stable"
+    )
+    cuts = cuts[np.concatenate(([True], cuts[1:] != cuts[:-1]))]
     starts, lengths = cuts[:-1], (cuts[1:] - cuts[:-1]).astype(np.int64)
     which_seg = np.searchsorted(seg["pfn_start"], starts, side="right") - 1
     which_cell = np.searchsorted(cell_starts, starts, side="right") - 1
@@ -182,6 +189,45 @@ def _pieces(seg: np.ndarray, cell_starts: np.ndarray, per: int) -> tuple[np.ndar
     inside &= starts < seg["pfn_end"][np.maximum(which_seg, 0)]
     inside &= starts < cell_starts[np.maximum(which_cell, 0)] + np.uint64(per)
     return which_seg[inside], which_cell[inside], lengths[inside]
+
+
+#: sections classified at a time: bounds the (cells x classes) count array however large the machine
+SECTIONS_PER_CHUNK = 1024
+
+
+class _CellKinds:
+    """Distinct cell contents (pfn counts by class, inactive causes), each with its class and detail text.
+
+    A large machine has millions of cells but few distinct contents: each is described once.
+    """
+
+    def __init__(self, classes: list[CellClass]) -> None:
+        self.classes = classes
+        self.ids: dict[bytes, int] = {}
+        self.keys: list[str] = []
+        self.details: list[str] = []
+        self.collision: list[bool] = []
+
+    def identify(self, counts: np.ndarray, causes: np.ndarray) -> np.ndarray:
+        """The kind id of every cell, given its counts row and its causes."""
+        table = np.ascontiguousarray(np.concatenate((counts, causes.astype(np.int64)[:, None]), axis=1))
+        rows = table.view(np.dtype((np.void, table.dtype.itemsize * table.shape[1]))).ravel()
+        unique, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        local = np.empty(unique.size, dtype=np.int64)
+        for i, (row, index) in enumerate(zip(unique.tolist(), first.tolist(), strict=True)):
+            if row not in self.ids:
+                self.ids[row] = len(self.keys)
+                self._describe(counts[index], int(causes[index]))
+            local[i] = self.ids[row]
+        result: np.ndarray = local[inverse.ravel()]
+        return result
+
+    def _describe(self, cell_counts: np.ndarray, cell_causes: int) -> None:
+        collided = bool(_collided(cell_counts[None, :], self.classes)[0])
+        self.keys.append("collision" if collided else self.classes[int(cell_counts.argmax())].key)
+        parts = [f"{n} {self.classes[k].key}" for k, n in enumerate(cell_counts.tolist()) if n]
+        why = model.causes(cell_causes)
+        self.details.append(", ".join(parts) + (f" (inactive: {', '.join(why)})" if why else ""))
 
 
 def build(snapshot: Snapshot, seg: np.ndarray | None = None, findings: list[Finding] | None = None) -> MemoryMap:
@@ -200,33 +246,59 @@ def build(snapshot: Snapshot, seg: np.ndarray | None = None, findings: list[Find
     offsets = np.arange(nsub, dtype=np.uint64) * np.uint64(per)
     cell_starts = (np.array([s.start_pfn for s in sections], dtype=np.uint64)[:, None] + offsets).ravel()
     seg_class = classify_segments(snapshot, seg, classes)
-    which_seg, which_cell, pages = _pieces(seg, cell_starts, per)
-    counts = np.zeros((cell_starts.size, len(classes)), dtype=np.int64)
-    np.add.at(counts, (which_cell, seg_class[which_seg]), pages)
-    inactive_causes = np.zeros(cell_starts.size, dtype=np.uint32)
-    np.bitwise_or.at(inactive_causes, which_cell, seg["inactive"][which_seg])
-    cell_class = _dominant(counts, classes)
+    kinds = _CellKinds(classes)
+    cell_kind = np.empty(cell_starts.size, dtype=np.int64)
+    section_collision = np.empty(len(sections), dtype=bool)
+    for first in range(0, len(sections), SECTIONS_PER_CHUNK):
+        chunk = slice(first * nsub, min(first + SECTIONS_PER_CHUNK, len(sections)) * nsub)
+        starts = cell_starts[chunk]
+        lo = max(int(np.searchsorted(seg["pfn_end"], starts[0], side="right")), 0)
+        hi = int(np.searchsorted(seg["pfn_start"], starts[-1] + np.uint64(per), side="left"))
+        which_seg, which_cell, pages = _pieces(seg[lo:hi], starts, per)
+        which_seg += lo
+        counts = np.zeros((starts.size, len(classes)), dtype=np.int64)
+        np.add.at(counts, (which_cell, seg_class[which_seg]), pages)
+        causes = np.zeros(starts.size, dtype=np.uint32)
+        np.bitwise_or.at(causes, which_cell, seg["inactive"][which_seg])
+        cell_kind[chunk] = kinds.identify(counts, causes)
+        per_section = counts.reshape(-1, nsub, len(classes)).sum(axis=1)
+        section_collision[first : first + per_section.shape[0]] = _collided(per_section, classes)
     severity = _finding_marks(findings, cell_starts, per)
-    for i, s in enumerate(sections):
-        part = slice(i * nsub, (i + 1) * nsub)
-        row = _section_row(s.nr, s.flags, classes, cell_class[part], counts[part], inactive_causes[part])
-        row = dataclasses.replace(row, findings=tuple(severity[part]))
-        previous = rows[-1] if rows else None
-        if previous is not None and previous.last_nr + 1 < s.nr:
-            rows.append(Row(previous.last_nr + 1, s.nr - 1, False, (), (), (), False, ()))
-        elif previous is not None and previous.present and _same(previous, row):
-            rows[-1] = dataclasses.replace(previous, last_nr=s.nr)
-            continue
-        rows.append(row)
+    by_section = cell_kind.reshape(len(sections), nsub)
+    marks = severity.reshape(len(sections), nsub)
+    nrs = np.array([s.nr for s in sections], dtype=np.int64)
+    flag_ids = {flags: i for i, flags in enumerate(dict.fromkeys(s.flags for s in sections))}
+    section_flags = np.array([flag_ids[s.flags] for s in sections], dtype=np.int64)
+    # a section joins the row before it when it follows it and is identical in every cell
+    joins = np.zeros(len(sections), dtype=bool)
+    joins[1:] = (
+        (nrs[1:] == nrs[:-1] + 1)
+        & (by_section[1:] == by_section[:-1]).all(axis=1)
+        & (marks[1:] == marks[:-1]).all(axis=1)
+        & (section_collision[1:] == section_collision[:-1])
+        & (section_flags[1:] == section_flags[:-1])
+    )
+    names = np.array(["", WARNING, ERROR], dtype=object)
+    firsts = np.flatnonzero(~joins).tolist()
+    lasts = [*(i - 1 for i in firsts[1:]), len(sections) - 1]
+    for i, last in zip(firsts, lasts, strict=True):
+        s = sections[i]
+        if rows and rows[-1].last_nr + 1 < s.nr:
+            rows.append(Row(rows[-1].last_nr + 1, s.nr - 1, False, (), (), (), False, ()))
+        kind = by_section[i].tolist()
+        rows.append(
+            Row(
+                s.nr,
+                sections[last].nr,
+                True,
+                tuple(kinds.keys[k] for k in kind),
+                tuple(kinds.details[k] for k in kind),
+                tuple(names[marks[i]].tolist()),
+                bool(section_collision[i]),
+                s.flags,
+            )
+        )
     return MemoryMap(layout.release, layout.pages_per_section, per, classes, rows, findings)
-
-
-def _dominant(counts: np.ndarray, classes: list[CellClass]) -> list[str]:
-    """Each cell's class: the one covering most pfns; a collision when device and other memmap meet."""
-    keys = [c.key for c in classes]
-    collided = _collided(counts, classes)
-    chosen = counts.argmax(axis=1)
-    return ["collision" if c else keys[k] for k, c in zip(chosen.tolist(), collided.tolist(), strict=True)]
 
 
 def _collided(counts: np.ndarray, classes: list[CellClass]) -> np.ndarray:
@@ -240,44 +312,17 @@ def _collided(counts: np.ndarray, classes: list[CellClass]) -> np.ndarray:
     return both
 
 
-def _finding_marks(findings: list[Finding], cell_starts: np.ndarray, per: int) -> list[str]:
-    """Per cell: the worst severity (error, warning) of the findings whose pfns it holds, or ""."""
-    marks = [""] * cell_starts.size
-    for f in sorted(findings, key=lambda f: f.severity != ERROR):  # errors first: a cell keeps the worst
+def _finding_marks(findings: list[Finding], cell_starts: np.ndarray, per: int) -> np.ndarray:
+    """Per cell: the worst severity of the findings whose pfns it holds (2 error, 1 warning, 0 none)."""
+    marks = np.zeros(cell_starts.size, dtype=np.int8)
+    cell_ends = cell_starts + np.uint64(per)
+    for f in findings:
         if f.severity not in (ERROR, WARNING):
             continue
-        lo = int(np.searchsorted(cell_starts + np.uint64(per), np.uint64(f.pfn_start), side="right"))
+        lo = int(np.searchsorted(cell_ends, np.uint64(f.pfn_start), side="right"))
         hi = int(np.searchsorted(cell_starts, np.uint64(f.pfn_end), side="left"))
-        for i in range(lo, hi):
-            marks[i] = marks[i] or f.severity
+        np.maximum(marks[lo:hi], 2 if f.severity == ERROR else 1, out=marks[lo:hi])
     return marks
-
-
-def _section_row(
-    nr: int,
-    flags: tuple[str, ...],
-    classes: list[CellClass],
-    cells: list[str],
-    counts: np.ndarray,
-    causes: np.ndarray,
-) -> Row:
-    details = []
-    for cell_counts, cell_causes in zip(counts, causes.tolist(), strict=True):
-        parts = [f"{n} {classes[k].key}" for k, n in enumerate(cell_counts.tolist()) if n]
-        why = model.causes(cell_causes)
-        details.append(", ".join(parts) + (f" (inactive: {', '.join(why)})" if why else ""))
-    collision = bool(_collided(counts.sum(axis=0, keepdims=True), classes)[0])
-    return Row(nr, nr, True, tuple(cells), tuple(details), (), collision, flags)
-
-
-def _same(a: Row, b: Row) -> bool:
-    return (a.cells, a.details, a.findings, a.collision, a.flags) == (
-        b.cells,
-        b.details,
-        b.findings,
-        b.collision,
-        b.flags,
-    )
 
 
 # -- drawing ----------------------------------------------------------------------------------------

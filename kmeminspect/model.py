@@ -77,14 +77,13 @@ def _boundaries(snapshot: Snapshot) -> np.ndarray:
     runs = snapshot.runs
     points.extend(runs["pfn_start"].tolist())
     points.extend(runs["pfn_end"].tolist())
-    per = layout.pages_per_subsection
     for s in snapshot.sections:
         points.extend((s.start_pfn, s.start_pfn + s.nr_pages))
-        bits = s.subsection_map
-        changes = bits ^ (bits << 1)
-        for i in range(1, layout.subsections_per_section):
-            if (changes >> i) & 1:
-                points.append(s.start_pfn + i * per)
+    # where a section's subsection bit changes: between subsections i - 1 and i
+    bits = _subsection_bits(snapshot)
+    section_index, subsection = np.nonzero(bits[:, 1:] != bits[:, :-1])
+    starts = np.array([s.start_pfn for s in snapshot.sections], dtype=np.uint64)
+    changes = starts[section_index] + (subsection + 1).astype(np.uint64) * np.uint64(layout.pages_per_subsection)
     for p in snapshot.pagemaps:
         for start, end in p.ranges:
             points.extend((start, end))
@@ -100,7 +99,17 @@ def _boundaries(snapshot: Snapshot) -> np.ndarray:
         if n.first_deferred_pfn is not None:
             points.append(n.first_deferred_pfn)
             points.append(n.start_pfn + n.spanned)
-    return np.unique(np.array(points, dtype=np.uint64))
+    return np.unique(np.concatenate((np.array(points, dtype=np.uint64), changes)))
+
+
+def _subsection_bits(snapshot: Snapshot) -> np.ndarray:
+    """The subsection maps of the snapshot's sections, in order, as a (sections, subsections) bool array."""
+    count = snapshot.layout.subsections_per_section
+    width = (count + 7) // 8
+    maps = b"".join(s.subsection_map.to_bytes(width, "little") for s in snapshot.sections)
+    packed = np.frombuffer(maps, dtype=np.uint8).reshape(len(snapshot.sections), width)
+    bits: np.ndarray = np.unpackbits(packed, axis=1, bitorder="little")[:, :count].astype(bool)
+    return bits
 
 
 def segments(snapshot: Snapshot, start: int | None = None, end: int | None = None) -> np.ndarray:
@@ -135,19 +144,24 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
 
     # sections and subsections
     flags = layout.section_flags
-    seg["section_nr"] = -1
-    by_nr = {s.nr: s for s in snapshot.sections}
     section_nr = (starts >> np.uint64(layout.section_size_bits - layout.page_shift)).astype(np.int64)
     sub_index = ((starts % np.uint64(layout.pages_per_section)) // np.uint64(layout.pages_per_subsection)).astype(
         np.int64
     )
-    for i, nr in enumerate(section_nr.tolist()):
-        s = by_nr.get(nr)
-        if s is None:
-            continue
-        seg["section_nr"][i] = nr
-        seg["section_flags"][i] = s.section_mem_map & ~flags["SECTION_MAP_MASK"] & 0xFFFFFFFFFFFFFFFF
-        seg["subsection_valid"][i] = (s.subsection_map >> int(sub_index[i])) & 1
+    order = sorted(range(len(snapshot.sections)), key=lambda i: snapshot.sections[i].nr)
+    present_nrs = np.array([snapshot.sections[i].nr for i in order], dtype=np.int64)
+    section_flag_bits = np.array(
+        [snapshot.sections[i].section_mem_map & ~flags["SECTION_MAP_MASK"] & 0xFFFFFFFFFFFFFFFF for i in order],
+        dtype=np.uint64,
+    )
+    subsection_bits = _subsection_bits(snapshot)[order]
+    seg["section_nr"] = -1
+    if present_nrs.size:  # each segment's section, by binary search over the present ones
+        which = np.minimum(np.searchsorted(present_nrs, section_nr), present_nrs.size - 1)
+        present = present_nrs[which] == section_nr
+        seg["section_nr"] = np.where(present, section_nr, -1)
+        seg["section_flags"] = np.where(present, section_flag_bits[which], 0)
+        seg["subsection_valid"] = present & subsection_bits[which, sub_index]
     sf = seg["section_flags"]
     has_map = (sf & np.uint64(flags["SECTION_HAS_MEM_MAP"])) != 0
     early = (sf & np.uint64(flags.get("SECTION_IS_EARLY", 0))) != 0

@@ -49,21 +49,29 @@ def read_blocks(prog: Program, layout: Layout) -> list[Block]:
     online_types = _online_types(prog)
     state_names = _state_names(prog)
     block_type = prog.type("struct memory_block")
+    has_zone = block_type.has_member("zone")
+    has_nr_vmemmap_pages = block_type.has_member("nr_vmemmap_pages")
+    has_altmap = block_type.has_member("altmap")
+    has_online_type = block_type.has_member("online_type")
+    zone_names: dict[int, str] = {}  # a zone's name by its address: most blocks share a few zones
     blocks = []
     for block_id, entry in xa_for_each(registry.address_of_()):
         mem = drgn.cast("struct memory_block *", entry)
         state = mem.state.value_()
-        zone = mem.zone.read_() if block_type.has_member("zone") else None
-        zone_name = zone.name.string_().decode() if zone is not None and zone.value_() else None
-        if block_type.has_member("nr_vmemmap_pages"):
+        zone_name = None
+        if has_zone and (zone_address := mem.zone.value_()):
+            if zone_address not in zone_names:
+                zone_names[zone_address] = mem.zone.name.string_().decode()
+            zone_name = zone_names[zone_address]
+        if has_nr_vmemmap_pages:
             vmemmap = mem.nr_vmemmap_pages.value_()
-        elif block_type.has_member("altmap") and mem.altmap.value_():
+        elif has_altmap and mem.altmap.value_():
             # since v6.6 (1a8c64e11043) the block keeps its memmap_on_memory altmap
             vmemmap = mem.altmap.free.value_()
         else:
             vmemmap = 0
         online_type = None
-        if block_type.has_member("online_type"):
+        if has_online_type:
             # boot memory was never onlined through the block: its online_type stays MMOP_OFFLINE (0)
             recorded = online_types.get(mem.online_type.value_())
             online_type = None if recorded == "MMOP_OFFLINE" else recorded

@@ -20,10 +20,10 @@ from ..state import (
     MEMMAP_NOT_IN_DUMP,
     MEMMAP_READ,
     MEMMAP_UNMAPPED,
+    RUN_DTYPE,
     Layout,
     Section,
     merge_runs,
-    runs_from_arrays,
     uniform_run,
 )
 from .layout import PageFormat
@@ -64,6 +64,14 @@ class MemmapReader:
         self.words = fmt.size // 8
         self.pages_per_vmemmap_page = (1 << layout.page_shift) // fmt.size
         self._init_mm: drgn.Object | None = None
+        #: the page->flags bits a run stores (node, zone and the PG_* bits of state.RUN_FIELDS)
+        self.stored_flags = (fmt.nodes_mask << fmt.nodes_pgoff) | (fmt.zones_mask << fmt.zones_pgoff)
+        for number in (fmt.pg_reserved, fmt.pg_self_hosted, fmt.pg_hwpoison):
+            if number is not None:
+                self.stored_flags |= 1 << number
+        # three bits of the key that no stored flag uses: PageOffline, all-zero page, all-ones flags
+        spare = [b for b in range(64) if not self.stored_flags >> b & 1]
+        self.offline_bit, self.zeroed_bit, self.poisoned_bit = spare[:3]
 
     # -- raw reads -------------------------------------------------------------------------------
     def _classify_fault(self, address: int) -> int:
@@ -104,58 +112,91 @@ class MemmapReader:
         return words, state
 
     # -- decode ----------------------------------------------------------------------------------
-    def decode(
+    def _offline(self, words: np.ndarray) -> np.ndarray | None:
+        """PageOffline per page (one pass over the page_type bytes), or None if this kernel has no test."""
+        fmt = self.fmt
+        if fmt.offline_type_byte is not None:  # 6.12+: enum pagetype in the top byte of page_type
+            top_byte = words.view("u1")[:, fmt.page_type_offset + 3]
+            result: np.ndarray = top_byte == np.uint8(fmt.offline_type_byte)
+            return result
+        if fmt.offline_mapcount_value is not None:  # before: one exact 32-bit value
+            page_type = words.view("<u4")[:, fmt.page_type_offset // 4]
+            result = page_type == np.uint32(fmt.offline_mapcount_value & 0xFFFFFFFF)
+            return result
+        return None
+
+    def decode_runs(
         self,
         start_pfn: int,
         words: np.ndarray,
         state: np.ndarray,
         head_pgmap: Callable[[np.ndarray], np.ndarray],
-    ) -> dict[str, np.ndarray]:
-        """Per-pfn state columns (see state.RUN_FIELDS) of pages read at start_pfn."""
+    ) -> np.ndarray:
+        """Runs of page state (state.RUN_DTYPE) of pages read at start_pfn.
+
+        Every stored field but pgmap comes from page->flags, page_type, or the all-zeros and all-ones
+        tests, so the pages are first reduced to one *key* word each: the flags bits that are stored
+        (node, zone, PG_reserved, PG_vmemmap_self_hosted, PG_hwpoison) plus spare bits for PageOffline,
+        zeroed and poisoned. Runs are where the key (or the memmap state, or a device page's pgmap)
+        changes, and the fields are decoded once per run, not once per page.
+        """
         fmt = self.fmt
-        flags = words[:, 0]
-        read = state == MEMMAP_READ
-        zone_id = ((flags >> np.uint64(fmt.zones_pgoff)) & np.uint64(fmt.zones_mask)).astype(np.int8)
-        nid = ((flags >> np.uint64(fmt.nodes_pgoff)) & np.uint64(fmt.nodes_mask)).astype(np.int16)
-        zone_id[~read] = -1
-        nid[~read] = -1
+        n = words.shape[0]
+        stored = np.uint64(self.stored_flags)
+        key = words[:, 0] & stored
+        # only a zero key can be an all-zero struct page, only a key of every stored bit all-ones flags
+        if key.min() == 0:
+            candidates = np.flatnonzero(key == 0)
+            zeroed = candidates[~words[candidates].any(axis=1)]
+            key[zeroed] |= np.uint64(1 << self.zeroed_bit)
+        if key.max() == stored:
+            candidates = np.flatnonzero(key == stored)
+            poisoned = candidates[words[candidates, 0] == ALL_ONES]
+            key[poisoned] |= np.uint64(1 << self.poisoned_bit)
+        offline = self._offline(words)
+        if offline is not None and offline.any():
+            key |= offline.astype(np.uint64) << np.uint64(self.offline_bit)
+        all_read = bool((state == MEMMAP_READ).all())
+        if not all_read:
+            key[state != MEMMAP_READ] = 0  # words there are zeros: nothing decoded, nothing zeroed
+        change = key[1:] != key[:-1]
+        if not all_read:
+            change |= state[1:] != state[:-1]
+        pgmap = None
+        if self.layout.zone_device is not None:
+            zone_bits = (key >> np.uint64(fmt.zones_pgoff)) & np.uint64(fmt.zones_mask)
+            device = zone_bits == np.uint64(self.layout.zone_device)
+            if not all_read:
+                device &= state == MEMMAP_READ
+            if device.any():
+                pgmap = np.zeros(n, dtype=np.uint64)
+                pgmap[device] = head_pgmap(np.flatnonzero(device))
+                change |= pgmap[1:] != pgmap[:-1]
+        starts = np.concatenate(([0], np.flatnonzero(change) + 1))
+        keys = key[starts]
+        read = state[starts] == MEMMAP_READ
 
         def bit(number: int | None) -> np.ndarray:
             if number is None:
-                return np.zeros(flags.size, dtype=np.uint8)
-            result: np.ndarray = ((flags >> np.uint64(number)) & np.uint64(1)).astype(np.uint8) & read
-            return result
+                return np.zeros(starts.size, dtype=np.uint8)
+            return ((keys >> np.uint64(number)) & np.uint64(1)).astype(np.uint8)
 
-        type_word = words[:, fmt.page_type_offset // 8]
-        page_type = ((type_word >> np.uint64(8 * (fmt.page_type_offset % 8))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        if fmt.offline_type_byte is not None:
-            offline = (page_type >> np.uint32(24)) == fmt.offline_type_byte
-        elif fmt.offline_mapcount_value is not None:
-            offline = page_type == np.uint32(fmt.offline_mapcount_value & 0xFFFFFFFF)
-        else:
-            offline = np.zeros(flags.size, dtype=bool)
-        # only pages with no flags at all can be all zeros: test the whole struct page for those alone
-        zeroed = (flags == 0) & read
-        candidates = np.flatnonzero(zeroed)
-        if candidates.size:
-            zeroed[candidates] = ~words[candidates].any(axis=1)
-        poisoned = (flags == ALL_ONES) & read
-        pgmap = np.zeros(flags.size, dtype=np.uint64)
-        device = read & (zone_id == (self.layout.zone_device if self.layout.zone_device is not None else -2))
-        if device.any():
-            pgmap[device] = head_pgmap(np.flatnonzero(device))
-        return {
-            "memmap": state,
-            "zone_id": zone_id,
-            "nid": nid,
-            "reserved": bit(fmt.pg_reserved),
-            "offline": (offline & read).astype(np.uint8),
-            "self_hosted": bit(fmt.pg_self_hosted),
-            "hwpoison": bit(fmt.pg_hwpoison),
-            "zeroed": zeroed.astype(np.uint8),
-            "poisoned": poisoned.astype(np.uint8),
-            "pgmap": pgmap,
-        }
+        runs = np.zeros(starts.size, dtype=RUN_DTYPE)
+        runs["pfn_start"] = start_pfn + starts
+        runs["pfn_end"] = start_pfn + np.concatenate((starts[1:], [n]))
+        runs["memmap"] = state[starts]
+        zone_id = ((keys >> np.uint64(fmt.zones_pgoff)) & np.uint64(fmt.zones_mask)).astype(np.int64)
+        nid = ((keys >> np.uint64(fmt.nodes_pgoff)) & np.uint64(fmt.nodes_mask)).astype(np.int64)
+        runs["zone_id"] = np.where(read, zone_id, -1)
+        runs["nid"] = np.where(read, nid, -1)
+        runs["reserved"] = bit(fmt.pg_reserved)
+        runs["offline"] = bit(self.offline_bit) if offline is not None else 0
+        runs["self_hosted"] = bit(fmt.pg_self_hosted)
+        runs["hwpoison"] = bit(fmt.pg_hwpoison)
+        runs["zeroed"] = bit(self.zeroed_bit)
+        runs["poisoned"] = bit(self.poisoned_bit)
+        runs["pgmap"] = pgmap[starts] if pgmap is not None else 0
+        return runs
 
     def _pgmap_of_heads(
         self, start_pfn: int, words: np.ndarray, memmap_base: int
@@ -222,8 +263,7 @@ class MemmapReader:
                 parts.append(uniform_run(start, end, MEMMAP_NONE))
                 continue
             words, state = self.read_pages(start, end, section.memmap)
-            columns = self.decode(start, words, state, self._pgmap_of_heads(start, words, section.memmap))
-            parts.append(runs_from_arrays(start, columns))
+            parts.append(self.decode_runs(start, words, state, self._pgmap_of_heads(start, words, section.memmap)))
         return merge_runs(parts)
 
     def pages(self, section: Section, start_pfn: int, end_pfn: int) -> tuple[np.ndarray, np.ndarray]:
