@@ -249,43 +249,30 @@ static __always_inline void pgmap_range(const void *pgmap, u64 *pfn, u64 *nr, u6
 	*type = (u64)t << 32 | n;
 }
 
-int kmi_memremap_pages(struct pt_regs *ctx)
-{
-	u64 pfn, nr, type;
-	void *pgmap = (void *)ARG_memremap_pages_pgmap;
-	pgmap_range(pgmap, &pfn, &nr, &type);
-	hotplug_context(1);
-	begin(ctx, EV_MEMREMAP_BEGIN, pfn, nr, -1, type, (u64)pgmap, 1);
-	return 0;
-}
+/* memremap_pages() / memunmap_pages(): the pgmap's range at entry, the caller in the hotplug context
+ * until the return (RET: what the return reports) */
+#define PGMAP_CALL(function, BEGIN, END, RET)                                             \
+	int kmi_##function(struct pt_regs *ctx)                                           \
+	{                                                                                 \
+		u64 pfn, nr, type;                                                        \
+		void *pgmap = (void *)ARG_##function##_pgmap;                             \
+		pgmap_range(pgmap, &pfn, &nr, &type);                                     \
+		hotplug_context(1);                                                       \
+		begin(ctx, BEGIN, pfn, nr, -1, type, (u64)pgmap, 1);                      \
+		return 0;                                                                 \
+	}                                                                                 \
+	int kmi_##function##_ret(struct pt_regs *ctx)                                     \
+	{                                                                                 \
+		struct inflight v;                                                        \
+		hotplug_context(0);                                                       \
+		if (end(BEGIN, &v))                                                       \
+			emit_end(END, &v, RET, v.ptr);                                    \
+		return 0;                                                                 \
+	}
 
-int kmi_memremap_pages_ret(struct pt_regs *ctx)
-{
-	struct inflight v;
-	hotplug_context(0);
-	if (end(EV_MEMREMAP_BEGIN, &v))
-		emit_end(EV_MEMREMAP_END, &v, PT_REGS_RC(ctx), v.ptr);
-	return 0;
-}
+PGMAP_CALL(memremap_pages, EV_MEMREMAP_BEGIN, EV_MEMREMAP_END, PT_REGS_RC(ctx))
 
-int kmi_memunmap_pages(struct pt_regs *ctx)
-{
-	u64 pfn, nr, type;
-	void *pgmap = (void *)ARG_memunmap_pages_pgmap;
-	pgmap_range(pgmap, &pfn, &nr, &type);
-	hotplug_context(1);
-	begin(ctx, EV_MEMUNMAP_BEGIN, pfn, nr, -1, type, (u64)pgmap, 1);
-	return 0;
-}
-
-int kmi_memunmap_pages_ret(struct pt_regs *ctx)
-{
-	struct inflight v;
-	hotplug_context(0);
-	if (end(EV_MEMUNMAP_BEGIN, &v))
-		emit_end(EV_MEMUNMAP_END, &v, 0, v.ptr);
-	return 0;
-}
+PGMAP_CALL(memunmap_pages, EV_MEMUNMAP_BEGIN, EV_MEMUNMAP_END, 0) /* void */
 
 int kmi_memmap_init_zone_device(struct pt_regs *ctx)
 {

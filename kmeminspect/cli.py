@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -114,8 +113,10 @@ def main(
         fail("choose one target: --live, --vmcore, --qemu or --snapshot")
     kind, location = chosen[0] if chosen else ("live", None)
     ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json)
-    if colour is None:  # https://no-color.org: any non-empty NO_COLOR turns colour off
-        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    if colour is None:
+        from .memorymap import colour_by_default
+
+        colour = colour_by_default()
     ctx.obj.colour = colour
 
 

@@ -162,7 +162,7 @@ def checks(vmlinux: Path | None = None) -> list[Check]:
         "trace (fentry/fexit)",
         "a kernel with CONFIG_DEBUG_INFO_BTF=y",
     )
-    hookable = tracefs is not None and _ftrace_can_hook(tracefs, "pfn_to_online_page")
+    hookable = tracefs is not None and _ftrace_can_hook("pfn_to_online_page")
     add(
         "fentry",
         btf and hookable,
@@ -187,9 +187,11 @@ def checks(vmlinux: Path | None = None) -> list[Check]:
     return result
 
 
-def _ftrace_can_hook(tracefs: str, function: str) -> bool:
+def _ftrace_can_hook(function: str) -> bool:
+    """Is function in available_filter_functions (what fentry and reliable kprobes need)?"""
+    from .trace.session import TraceError, traceable_functions
+
     try:
-        with open(f"{tracefs}/available_filter_functions") as f:
-            return any(line.split(maxsplit=1)[0] == function for line in f if line.strip())
-    except OSError:
+        return function in traceable_functions()
+    except TraceError:
         return False

@@ -129,12 +129,10 @@ def _subcommand_audit(prog: Program, name: str, args: argparse.Namespace, **kwar
     namespace=SUBCOMMANDS,
 )
 def _subcommand_map(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    import os
-    import sys
-
     from .cli import map_view
+    from .memorymap import colour_by_default
 
-    colour = args.color or (sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    colour = args.color or colour_by_default()
     _show(name, args.json, lambda: map_view(_read(prog), args.html, colour))
 
 

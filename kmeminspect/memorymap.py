@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import html
 import itertools
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -206,7 +208,6 @@ class _CellKinds:
         self.ids: dict[bytes, int] = {}
         self.keys: list[str] = []
         self.details: list[str] = []
-        self.collision: list[bool] = []
 
     def identify(self, counts: np.ndarray, causes: np.ndarray) -> np.ndarray:
         """The kind id of every cell, given its counts row and its causes."""
@@ -326,6 +327,12 @@ def _finding_marks(findings: list[Finding], cell_starts: np.ndarray, per: int) -
 
 
 # -- drawing ----------------------------------------------------------------------------------------
+
+
+def colour_by_default() -> bool:
+    """Colour unless told: when stdout is a terminal and NO_COLOR is not set (https://no-color.org: any
+    non-empty value)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 def _row_label(row: Row) -> str:

@@ -49,7 +49,7 @@ def test_every_lifecycle_program_is_defined() -> None:
     """Each program the plan attaches exists in bpf/lifecycle.c (bcc would only fail at attach time)."""
     text = (bpf_dir() / "lifecycle.c").read_text()
     defined = set(re.findall(r"^int (kmi_\w+)\(struct pt_regs \*ctx\)", text, re.M))
-    for function in re.findall(r"^TIMED_CALL\((\w+),", text, re.M):
+    for function in re.findall(r"^(?:TIMED_CALL|PGMAP_CALL)\((\w+),", text, re.M):
         defined |= {f"kmi_{function}", f"kmi_{function}_ret"}
     wanted = {name for pair in LIFECYCLE.values() for name in pair if name}
     assert wanted == defined
