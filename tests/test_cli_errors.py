@@ -214,3 +214,12 @@ def test_diff_names_what_changed(tmp_path: Path) -> None:
     assert [(blk["id"], blk["change"], blk["state"]) for blk in d["blocks"]] == [(1, "changed", ["offline", "online"])]
     assert [p["change"] for p in d["pagemaps"]] == ["added"]
     assert d["runs"] and d["runs"][0]["pfn_start"] == 32768 and "zone_id" in d["runs"][0]["fields"]
+
+
+def test_map_html_unwritable(tmp_path: Path) -> None:
+    """An --html path that cannot be written: one line naming it, and nothing printed as if it worked."""
+    snap = tmp_path / "s.snap"
+    snapshot_mod.save(build(["boot"]), snap)
+    result = kmem("--snapshot", str(snap), "map", "--html", str(tmp_path / "no-such-dir" / "map.html"))
+    assert_one_line_error(result, "cannot write", "no-such-dir", "writable path")
+    assert result.stdout == ""
