@@ -440,6 +440,7 @@ def audit_view(snap: Snapshot, findings: list[audit_mod.Finding], errors_only: b
             [
                 [
                     f.severity,
+                    f.category,
                     f.rule,
                     f"{f.pfn_start:#x}-{f.pfn_end:#x}",
                     f.pfn_end - f.pfn_start,
@@ -447,11 +448,11 @@ def audit_view(snap: Snapshot, findings: list[audit_mod.Finding], errors_only: b
                 ]
                 for f in shown
             ],
-            headers=["SEVERITY", "RULE", "PFNS", "PAGES", "MESSAGE"],
-            maxcolwidths=[None, None, None, None, 70],
+            headers=["SEVERITY", "CATEGORY", "RULE", "PFNS", "PAGES", "MESSAGE"],
+            maxcolwidths=[None, None, None, None, None, 64],
         )
         counts = audit_mod.summary(findings)["by_severity"]
-        tally = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info"))
+        tally = ", ".join(f"{counts[s]} {s}" for s in audit_mod.SEVERITIES)
         return f"{body}\n{snap.layout.release}: {tally}"
 
     return data, table
@@ -460,29 +461,47 @@ def audit_view(snap: Snapshot, findings: list[audit_mod.Finding], errors_only: b
 @main.command()
 @click.option("--rules", "list_rules", is_flag=True, help="List the rules and their meanings.")
 @click.option("--errors-only", is_flag=True, help="Show error findings only.")
+@click.option(
+    "--fail-on",
+    type=click.Choice(audit_mod.SEVERITIES),
+    default=audit_mod.ERROR,
+    show_default=True,
+    help="Exit 1 when a finding is at least this serious.",
+)
 @click.pass_obj
-def audit(obj: Context, list_rules: bool, errors_only: bool) -> None:
-    """Findings; exit 0 clean, 1 when any error finding, 2 when it could not run."""
+def audit(obj: Context, list_rules: bool, errors_only: bool, fail_on: str) -> None:
+    """Findings; exit 0 clean, 1 when any error (or --fail-on) finding, 2 when it could not run.
+
+    On a running kernel (--live, --qemu) an error is confirmed by a second read; one that is gone by then
+    is reported as a live-race warning."""
 
     def run() -> int:
         if list_rules:
             rules = [
-                {"rule": r.id, "severity": r.severity, "meaning": r.meaning, "kernels": r.kernels}
+                {
+                    "rule": r.id,
+                    "severity": r.severity,
+                    "category": r.category,
+                    "meaning": r.meaning,
+                    "kernels": r.kernels,
+                }
                 for r in audit_mod.RULES
             ]
             obj.emit(
                 {"rules": rules},
                 lambda: tabulate(
-                    [[r["rule"], r["severity"], r["meaning"]] for r in rules],
-                    headers=["RULE", "SEVERITY", "MEANING"],
-                    maxcolwidths=[None, None, 80],
+                    [[r["rule"], r["severity"], r["category"], r["meaning"]] for r in rules],
+                    headers=["RULE", "SEVERITY", "CATEGORY", "MEANING"],
+                    maxcolwidths=[None, None, None, 72],
                 ),
             )
             return 0
         snap = obj.snapshot()
         findings = audit_mod.audit(snap)
+        if obj.kind in ("live", "qemu") and any(f.severity == audit_mod.ERROR for f in findings):
+            findings = audit_mod.confirm(findings, audit_mod.audit(obj.snapshot()))
         obj.emit(*audit_view(snap, findings, errors_only))
-        return audit_mod.exit_code(findings)
+        return audit_mod.exit_code(findings, fail_on)
 
     _run(run)
 

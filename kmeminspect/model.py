@@ -12,10 +12,11 @@ The kernel's predicates, as each generation implements them (x86_64, SPARSEMEM_V
 ``pfn_section_valid``    the pfn's subsection bit is set (v5.3 f46edbd1b151).
 ``online_section``       SECTION_IS_ONLINE (v4.13 2d070eab2e82).
 ``online_device_section``  SECTION_IS_ONLINE and SECTION_TAINT_ZONE_DEVICE (v5.12 1f90a3477df3).
-``pfn_to_online_page``   online_section and pfn_section_valid; and, in an online device section, no
-                         pgmap in the registry for the pfn (get_dev_pagemap()) — mm/memory_hotplug.c,
-                         identical in 6.1, 6.12 and 7.x ("taint-pgmap"). Without CONFIG_MEMORY_HOTPLUG
-                         it is pfn_valid ("pfn_valid").
+``pfn_to_online_page``   online_section and pfn_section_valid; and, in an online device section, NULL
+                         when get_dev_pagemap() finds the pfn's pgmap: a registry entry whose ref is
+                         still live (percpu_ref_tryget_live_rcu(); a pgmap being torn down by
+                         memunmap_pages() is not found) — mm/memory_hotplug.c, identical in 6.1, 6.12
+                         and 7.x ("taint-pgmap"). Without CONFIG_MEMORY_HOTPLUG it is pfn_valid.
 
 The proposal (David Hildenbrand, linux-mm, 2019; never merged):
 
@@ -28,12 +29,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .state import MEMMAP_READ, RUN_FIELDS, Snapshot
+from .state import MEMMAP_READ, MEMMAP_UNMAPPED, RUN_FIELDS, Snapshot
 
 #: why a pfn is not active (bit values of the ``inactive`` column); 0 means active
 INACTIVE_CAUSES = {
     1 << 0: "no-memmap",  # pfn_valid() is false
-    1 << 1: "memmap-unreadable",  # unmapped vmemmap, or the page is missing from the dump
+    1 << 1: "memmap-unreadable",  # mapped, but the dump (or /proc/kcore) does not hold the page
     1 << 2: "zeroed",  # an all-zero struct page: never initialized (Debian: DEBUG_VM off)
     1 << 3: "poisoned",  # page->flags all ones: PAGE_POISON_PATTERN, never initialized
     1 << 4: "zone-out-of-range",  # zone id >= MAX_NR_ZONES
@@ -43,6 +44,8 @@ INACTIVE_CAUSES = {
     1 << 8: "device-not-initialized",  # pgmap registered, memmap not (yet) a ZONE_DEVICE page
     1 << 9: "deferred",  # past first_deferred_pfn while deferred struct page init runs
     1 << 10: "device-zone-without-pgmap",  # ZONE_DEVICE page where no pgmap is registered
+    1 << 11: "memmap-unmapped",  # pfn_valid(), but the vmemmap page tables map nothing there
+    1 << 12: "altmap-memmap",  # a device pfn holding the device's own memmap: no valid page->pgmap
 }
 CAUSE_BITS = {name: bit for bit, name in INACTIVE_CAUSES.items()}
 
@@ -52,11 +55,13 @@ SEGMENT_FIELDS = RUN_FIELDS + [
     ("section_nr", "<i8"),  # -1: no present section
     ("section_flags", "<u8"),  # the raw flag bits of section_mem_map
     ("subsection_valid", "u1"),
-    ("registry_pgmap", "<u8"),  # the pgmap get_dev_pagemap() finds for the pfn, 0 if none
+    ("registry_pgmap", "<u8"),  # the pgmap the registry (pgmap_array) holds for the pfn, 0 if none
+    ("registry_live", "u1"),  # that pgmap's ref is live: get_dev_pagemap() finds it
     ("altmap_part", "u1"),  # ALTMAP_*
     ("block", "<i8"),  # memory block id, -1 if none
     ("in_zone_span", "u1"),  # the page's (nid, zone_id) spans the pfn
     ("deferred", "u1"),
+    ("block_onlining", "u1"),  # the pfn's memory block is being onlined (online_type set, still offline)
     # results
     ("pfn_valid", "u1"),
     ("online_section", "u1"),
@@ -96,9 +101,9 @@ def _boundaries(snapshot: Snapshot) -> np.ndarray:
         if z.spanned:
             points.extend((z.start_pfn, z.start_pfn + z.spanned))
     for n in snapshot.nodes:
+        points.extend((n.start_pfn, n.start_pfn + n.spanned))
         if n.first_deferred_pfn is not None:
             points.append(n.first_deferred_pfn)
-            points.append(n.start_pfn + n.spanned)
     return np.unique(np.concatenate((np.array(points, dtype=np.uint64), changes)))
 
 
@@ -175,6 +180,7 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
         for a, b in p.ranges:
             inside = (starts >= a) & (starts < b)
             seg["registry_pgmap"][inside] = p.address
+            seg["registry_live"][inside] = p.live
         if p.altmap:
             base, reserve, free = p.altmap.base_pfn, p.altmap.reserve, p.altmap.free
             seg["altmap_part"][(starts >= base) & (starts < base + reserve)] = ALTMAP_RESERVE
@@ -188,26 +194,29 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
     which = np.searchsorted(block_starts, starts, side="right") - 1
     inside = (which >= 0) & (starts < block_ends[np.maximum(which, 0)]) if blocks else np.zeros(seg.size, bool)
     seg["block"] = np.where(inside, block_ids[np.maximum(which, 0)] if blocks else -1, -1)
+    # memory_subsys_online() sets online_type for the duration of onlining only (MMOP_OFFLINE otherwise)
+    onlining = np.array([b.state == "offline" and b.online_type is not None for b in blocks], dtype=bool)
+    if blocks:
+        seg["block_onlining"] = inside & onlining[np.maximum(which, 0)]
 
     spans = {(z.nid, z.zone_id): (z.start_pfn, z.start_pfn + z.spanned) for z in snapshot.zones}
     for (span_nid, span_zone), (a, b) in spans.items():
         match = (seg["nid"] == span_nid) & (seg["zone_id"] == span_zone) & (starts >= a) & (seg["pfn_end"] <= b)
         seg["in_zone_span"][match] = 1
-    for n in snapshot.nodes:
-        if n.first_deferred_pfn is not None:
-            seg["deferred"][(starts >= n.first_deferred_pfn) & (starts < n.start_pfn + n.spanned)] = 1
 
     # the kernel's predicates
     pfn_valid = has_map & (early | sub_valid)
     seg["pfn_valid"] = pfn_valid
     seg["online_section"] = online
     seg["online_device_section"] = online & tainted
+    # get_dev_pagemap(): a registry entry whose ref percpu_ref_tryget_live_rcu() can still take
+    found = (seg["registry_pgmap"] != 0) & (seg["registry_live"] == 1)
     if layout.pfn_to_online_page == "pfn_valid":
         p2op = pfn_valid
     elif layout.pfn_to_online_page == "online-section":
         p2op = online & sub_valid
     else:  # "taint-pgmap"
-        p2op = online & sub_valid & ~(online & tainted & (seg["registry_pgmap"] != 0))
+        p2op = online & sub_valid & ~(online & tainted & found)
     seg["pfn_to_online_page"] = p2op
 
     # the proposal: is the memmap initialized and sane?
@@ -221,17 +230,27 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
     def cause(name: str, mask: np.ndarray) -> None:
         inactive[mask] |= np.uint32(CAUSE_BITS[name])
 
+    sane_content = readable & (seg["zeroed"] == 0) & (seg["poisoned"] == 0)
+    in_range = sane_content & (zone_id >= 0) & (zone_id < max_zones)
+    initialized_ram = in_range & (zone_id != zone_device) & (seg["in_zone_span"] == 1)
+    _mark_deferred(snapshot, seg, initialized_ram)
+
     cause("no-memmap", ~pfn_valid)
-    cause("memmap-unreadable", pfn_valid & ~readable)
+    cause("memmap-unmapped", pfn_valid & (seg["memmap"] == MEMMAP_UNMAPPED))
+    cause("memmap-unreadable", pfn_valid & ~readable & (seg["memmap"] != MEMMAP_UNMAPPED))
     cause("zeroed", readable & (seg["zeroed"] == 1))
     cause("poisoned", readable & (seg["poisoned"] == 1))
-    sane_content = readable & (seg["zeroed"] == 0) & (seg["poisoned"] == 0)
     cause("zone-out-of-range", sane_content & ((zone_id < 0) | (zone_id >= max_zones)))
-    in_range = sane_content & (zone_id >= 0) & (zone_id < max_zones)
     # ZONE_DEVICE spans are tracked loosely by the kernel (never shrunk): check RAM zones only
     cause("outside-zone-span", in_range & (zone_id != zone_device) & (seg["in_zone_span"] == 0))
-    cause("section-offline", pfn_valid & ~device_pfn & ~online)
+    # RAM of an offline section, except while its block is being onlined: move_pfn_range_to_zone() has
+    # initialized the memmap (the zone spans it, the page names that zone) before online_mem_sections()
+    onlining = (seg["block_onlining"] == 1) & initialized_ram
+    cause("section-offline", pfn_valid & ~device_pfn & ~online & ~onlining)
     cause("altmap-reserve", device_pfn & (seg["altmap_part"] == ALTMAP_RESERVE))
+    # the altmap's free part holds the device's own memmap: memmap_init_range() initialized these pages as
+    # ZONE_DEVICE, but page->pgmap shares its word with page->lru (a pointer to itself): not a device page
+    cause("altmap-memmap", device_pfn & (seg["altmap_part"] == ALTMAP_FREE))
     cause(
         "device-not-initialized",
         device_pfn & (seg["altmap_part"] != ALTMAP_RESERVE) & sane_content & (zone_id != zone_device),
@@ -244,6 +263,25 @@ def segments(snapshot: Snapshot, start: int | None = None, end: int | None = Non
     seg["pfn_to_device_page"] = active & (zone_id == zone_device)
     seg["proposed_online"] = active & (zone_id != zone_device)
     return seg
+
+
+def _mark_deferred(snapshot: Snapshot, seg: np.ndarray, initialized_ram: np.ndarray) -> None:
+    """Set ``deferred`` on the pfns whose struct pages deferred init has not reached (yet).
+
+    While ``first_deferred_pfn`` is set, that is the node's pfns from it to the node's end. Once
+    ``deferred_init_memmap()`` has started it resets the mark to ULONG_MAX *before* initializing anything;
+    until ``page_alloc_init_late()`` disables the ``deferred_pages`` key no kernel state says how far it
+    got, so a pfn of the node is deferred unless its struct page already reads as initialized RAM (a zone
+    that spans it, the node's id).
+    """
+    starts = seg["pfn_start"]
+    for n in snapshot.nodes:
+        node = (starts >= n.start_pfn) & (starts < n.start_pfn + n.spanned)
+        if n.first_deferred_pfn is not None:
+            seg["deferred"][node & (starts >= n.first_deferred_pfn)] = 1
+        elif n.deferred_init_running:
+            in_flight = node & (seg["pfn_valid"] == 1) & ~(initialized_ram & (seg["nid"] == n.nid))
+            seg["deferred"][in_flight] = 1
 
 
 def causes(bits: int) -> list[str]:

@@ -1,10 +1,14 @@
 """Snapshot files: versioned, gzip-compressed JSON; page state as runs. Load without drgn.
 
-Format (``format`` = 1)::
+Format (``format`` = 2)::
 
-    {"format": 1, "kind": "kmeminspect-snapshot", "source": {...}, "layout": {...},
+    {"format": 2, "kind": "kmeminspect-snapshot", "source": {...}, "layout": {...},
      "sections": [...], "blocks": [...], "pagemaps": [...], "zones": [...], "nodes": [...],
-     "resources": [...], "runs": {"<field>": [values...], ...}}
+     "resources": [...], "claims": [...], "online_page_callback": "...",
+     "runs": {"<field>": [values...], ...}}
+
+Format 2 added ``pagemaps[].live``, ``nodes[].deferred_init_running``, ``claims`` and
+``online_page_callback``; format 1 files still load (those read as: live, not running, none, unknown).
 
 ``runs`` is stored by column (see state.RUN_FIELDS), so a terabyte machine's thousands of runs take
 kilobytes. Never pickle.
@@ -28,6 +32,7 @@ from .state import (
     STATE_FIELDS,
     Altmap,
     Block,
+    Claim,
     Layout,
     Node,
     Pagemap,
@@ -37,7 +42,9 @@ from .state import (
     Zone,
 )
 
-FORMAT = 1
+FORMAT = 2
+#: the formats this version loads
+READABLE_FORMATS = (1, 2)
 KIND = "kmeminspect-snapshot"
 
 
@@ -53,6 +60,8 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "zones": [dataclasses.asdict(z) for z in snapshot.zones],
         "nodes": [dataclasses.asdict(n) for n in snapshot.nodes],
         "resources": [dataclasses.asdict(r) for r in snapshot.resources],
+        "claims": [dataclasses.asdict(c) for c in snapshot.claims],
+        "online_page_callback": snapshot.online_page_callback,
         "runs": {name: snapshot.runs[name].tolist() for name, _ in RUN_FIELDS},
     }
 
@@ -60,9 +69,10 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
 def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
     if data.get("kind") != KIND:
         raise UsageError(f"{origin}: not a kmeminspect snapshot")
-    if data.get("format") != FORMAT:
+    if data.get("format") not in READABLE_FORMATS:
         raise UsageError(
-            f"{origin}: snapshot format {data.get('format')} is not supported (this kmeminspect reads {FORMAT})"
+            f"{origin}: snapshot format {data.get('format')} is not supported (this kmeminspect reads "
+            f"{', '.join(map(str, READABLE_FORMATS))})"
         )
     layout = dict(data["layout"])
     layout["zone_names"] = tuple(layout["zone_names"])
@@ -79,6 +89,7 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
                 ranges=tuple((int(r[0]), int(r[1])) for r in p["ranges"]),
                 altmap=Altmap(**p["altmap"]) if p["altmap"] else None,
                 vmemmap_shift=p["vmemmap_shift"],
+                live=bool(p.get("live", True)),
             )
         )
     return Snapshot(
@@ -91,6 +102,8 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
         nodes=[Node(**x) for x in data["nodes"]],
         resources=[Resource(**r) for r in data["resources"]],
         runs=runs,
+        claims=[Claim(**c) for c in data.get("claims", [])],
+        online_page_callback=data.get("online_page_callback"),
     )
 
 

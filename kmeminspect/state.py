@@ -99,6 +99,9 @@ class Pagemap:
     ranges: tuple[tuple[int, int], ...]  # [start_pfn, end_pfn)
     altmap: Altmap | None
     vmemmap_shift: int
+    #: ``pgmap->ref`` is live: ``get_dev_pagemap()`` finds the pgmap only then. ``memunmap_pages()`` kills
+    #: the ref first and removes the registry entry last, waiting in between for page references to drop
+    live: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,10 @@ class Node:
     start_pfn: int
     spanned: int
     first_deferred_pfn: int | None  # None when deferred struct page init is done (or absent)
+    #: the ``deferred_pages`` static key is still enabled: some node's deferred init may still be running.
+    #: ``deferred_init_memmap()`` resets first_deferred_pfn before it initializes anything, and
+    #: ``page_alloc_init_late()`` disables the key only after every pgdatinit thread finished.
+    deferred_init_running: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +167,16 @@ class Layout:
         return 1 << (self.section_size_bits - self.subsection_shift)
 
 
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A pfn range [start_pfn, end_pfn) that a kernel user keeps marked on purpose, e.g. the pages of a
+    loaded kexec image (``kimage_alloc_pages()`` sets PG_reserved on each)."""
+
+    start_pfn: int
+    end_pfn: int
+    owner: str  # e.g. "kexec_image control page"
+
+
 @dataclasses.dataclass
 class Snapshot:
     """Everything read from one kernel at one moment."""
@@ -173,6 +190,11 @@ class Snapshot:
     nodes: list[Node]
     resources: list[Resource]
     runs: np.ndarray  # RUN_DTYPE, sorted, non-overlapping, covering every present section
+    #: pfn ranges a known kernel user holds on purpose (kexec image pages, ...): see :class:`Claim`
+    claims: list[Claim] = dataclasses.field(default_factory=list)
+    #: the function behind ``online_page_callback`` (``generic_online_page`` unless a driver such as
+    #: virtio-mem, hv_balloon or xen's balloon withholds pages of memory it onlines); None if unknown
+    online_page_callback: str | None = None
 
     def section(self, nr: int) -> Section | None:
         for s in self.sections:

@@ -11,6 +11,7 @@ from drgn import Program, ProgramFlags
 from ..errors import ReadError
 from ..state import MEMMAP_NONE, MEMMAP_READ, Snapshot, merge_runs, uniform_run
 from .blocks import read_blocks
+from .claims import read_claims, read_online_page_callback
 from .layout import read_layout
 from .memmap import MemmapReader
 from .pgmaps import read_pagemaps
@@ -91,6 +92,8 @@ def read_snapshot(
         nodes=nodes,
         resources=read_resources(prog),
         runs=merge_runs(parts),
+        claims=read_claims(prog),
+        online_page_callback=read_online_page_callback(prog),
     )
     if not wanted:
         check_flags_layout(snapshot)

@@ -9,7 +9,26 @@ from drgn.helpers.linux.xarray import xa_for_each
 from ..state import Altmap, Layout, Pagemap
 
 
+def percpu_ref_is_live(prog: Program, ref: drgn.Object) -> bool:
+    """What ``percpu_ref_tryget_live_rcu()`` would answer for ``ref`` (a ``struct percpu_ref``): true in
+    per-cpu mode, false once killed (``__PERCPU_REF_DEAD`` in ``percpu_count_ptr``), else whether the
+    atomic count is above zero. ``percpu_ref_exit()`` leaves ATOMIC|DEAD and no data."""
+    atomic = prog["__PERCPU_REF_ATOMIC"].value_()
+    dead = prog["__PERCPU_REF_DEAD"].value_()
+    pointer = ref.percpu_count_ptr.value_()
+    if not pointer & (atomic | dead):
+        return True
+    if pointer & dead:
+        return False
+    # the shared count moved to struct percpu_ref_data in v5.9 (2b0d3d3e4fcf)
+    if ref.type_.has_member("data"):
+        return bool(ref.data.value_()) and ref.data.count.counter.value_() != 0
+    return bool(ref.count.counter.value_() != 0)
+
+
 def read_pagemaps(prog: Program, layout: Layout) -> list[Pagemap]:
+    """Every ``struct dev_pagemap`` in the kernel's registry (``pgmap_array``, which
+    ``get_dev_pagemap()`` searches by pfn), with its ranges, altmap and whether its ref is still live."""
     try:
         registry = prog["pgmap_array"]
     except KeyError:
@@ -45,5 +64,6 @@ def read_pagemaps(prog: Program, layout: Layout) -> list[Pagemap]:
             ranges=tuple(ranges),
             altmap=altmap,
             vmemmap_shift=pgmap.vmemmap_shift.value_() if pgmap.type_.type.has_member("vmemmap_shift") else 0,
+            live=percpu_ref_is_live(prog, pgmap.ref),
         )
     return sorted(seen.values(), key=lambda p: p.ranges[0] if p.ranges else (0, 0))

@@ -10,8 +10,21 @@ from ..state import Node, Zone
 ULONG_MAX = (1 << 64) - 1
 
 
+def deferred_init_running(prog: Program) -> bool:
+    """Whether deferred struct page init may still be running: the ``deferred_pages`` static key stays
+    enabled until ``page_alloc_init_late()`` has waited for every pgdatinit thread. False without
+    CONFIG_DEFERRED_STRUCT_PAGE_INIT."""
+    try:
+        key = prog["deferred_pages"]
+    except KeyError:
+        return False
+    return bool(key.key.enabled.counter.value_() > 0)
+
+
 def read_nodes_and_zones(prog: Program) -> tuple[list[Node], list[Zone]]:
+    """The online nodes (``pglist_data``: span, deferred init state) and every zone of each."""
     nodes, zones = [], []
+    running = deferred_init_running(prog)
     for pgdat in for_each_online_pgdat(prog):
         nid = pgdat.node_id.value_()
         deferred = None
@@ -24,6 +37,7 @@ def read_nodes_and_zones(prog: Program) -> tuple[list[Node], list[Zone]]:
                 start_pfn=pgdat.node_start_pfn.value_(),
                 spanned=pgdat.node_spanned_pages.value_(),
                 first_deferred_pfn=deferred,
+                deferred_init_running=running,
             )
         )
         for zone_id in range(len(pgdat.node_zones)):
