@@ -98,6 +98,8 @@ def build(kinds: list[str], device_subsections: int = 8, altmap_reserve: int = 0
             zone_pfns.setdefault(ZONE_MOVABLE, []).extend((start, end))
         elif kind == "device":
             submap = (1 << device_subsections) - 1
+            if device_subsections < 64:  # move_pfn_range_to_zone() taints the section of an unaligned end
+                flags |= FLAGS["SECTION_TAINT_ZONE_DEVICE"]
             dev_end = start + device_subsections * PAGES_PER_SUBSECTION
             reserve_end = start + altmap_reserve
             if altmap_reserve:

@@ -14,12 +14,13 @@ import pytest
 from conftest import GENERATIONS, IN_GUEST_SCENARIOS, get_kernel
 from drgn import offsetof
 from drgn.helpers.linux.mm import follow_phys
+from drgn.helpers.linux.xarray import xa_load
 from vmfixtures import truth
 
 from kmeminspect import audit, model
 from kmeminspect.kernel import read_snapshot
 from kmeminspect.kernel.layout import page_format
-from kmeminspect.state import Snapshot
+from kmeminspect.state import Pagemap, Snapshot
 from kmeminspect.target import elf_program_headers, open_vmcore
 
 pytestmark = pytest.mark.vm
@@ -30,43 +31,47 @@ def read(path: Path, vmlinux: Path) -> tuple[drgn.Program, Snapshot]:
     return prog, read_snapshot(prog, {"kind": "vmcore", "path": str(path)})
 
 
+#: the warnings a healthy stock kernel gets (docs/audit-rules.md, "What a clean stock kernel reports")
+STOCK_WARNINGS = {"reserved-page-past-last-zone", "online-page-outside-zone"}
+
+
 @pytest.mark.parametrize("case", [pytest.param((g, s), id=f"{g}-{s}") for g in GENERATIONS for s in IN_GUEST_SCENARIOS])
-def test_clean_fixture_has_only_the_known_oddity(
-    case: tuple[str, str], captured: Callable[[str, str], truth.Capture]
-) -> None:
-    """Errors on a clean state: exactly the reserved pfns past the last boot zone with zone id
-    MAX_NR_ZONES (init_reserved_page() with deferred struct page init; see docs/semantics.md)."""
+def test_clean_fixture_passes(case: tuple[str, str], captured: Callable[[str, str], truth.Capture]) -> None:
+    """A healthy stock kernel passes: no error finding, so exit 0. The reserved pfns past the last boot zone
+    with zone id MAX_NR_ZONES (init_reserved_page() with deferred struct page init; docs/semantics.md)
+    are a warning of their own rule, exactly over the pfns the kernel hands out with that signature."""
     generation, scenario = case
     capture = captured(generation, scenario)
     _, snap = read(capture.kdump, get_kernel(generation).vmlinux)
     findings = audit.audit(snap)
-    errors = [f for f in findings if f.severity == audit.ERROR]
+    assert not [f for f in findings if f.severity == audit.ERROR], findings
+    assert audit.exit_code(findings) == 0
     max_zones = len(snap.layout.zone_names)
     boot_zone_end = max(
         z.start_pfn + z.spanned
         for z in snap.zones
         if z.spanned and z.name != "Device" and z.name != "Movable" and z.name != "Normal"
     )
+    oddity = [f for f in findings if f.rule == "reserved-page-past-last-zone"]
     # the oddity needs reserved pfns past the last boot zone's end in its last section. Where DMA32 ends
     # at 4 GiB because more boot memory follows (big-blocks), memmap_init() gives that e820 hole the zone
     # of the next memory range instead (Normal: a reserved page outside its zone's span, a warning)
     if boot_zone_end % snap.layout.pages_per_section:
-        assert errors, "the zone-id oddity of stock kernels must be reported"
-    for f in errors:
-        assert f.rule == "online-memmap-not-sane", f
-        assert f.evidence["zone_id"] == max_zones, f
-        # reserved pfns past the last boot zone, in that zone's last section (where exactly depends on
-        # the firmware's e820 map: 0x3ffe0 in the busybox guest, 0x3ffe0 after a 3-pfn hole with virtio-blk)
-        last_section_end = -(-boot_zone_end // snap.layout.pages_per_section) * snap.layout.pages_per_section
-        assert boot_zone_end <= f.pfn_start < f.pfn_end <= last_section_end, f
-        assert f.pfn_end - f.pfn_start <= 16, f
-    # the same pfns are what the kernel itself hands out (its kpageflags answer, where it has one)
+        assert oddity, "the zone-id oddity of stock kernels must be reported"
     online = capture.online()
     assert online is not None
-    for f in errors:
+    last_section_end = -(-boot_zone_end // snap.layout.pages_per_section) * snap.layout.pages_per_section
+    for f in oddity:
+        assert f.severity == audit.WARNING and f.category == audit.KERNEL, f
+        assert f.evidence["zone_id"] == max_zones, f
+        assert boot_zone_end <= f.pfn_start < f.pfn_end <= last_section_end, f
+        assert f.pfn_end - f.pfn_start <= 16, f
+        # the same pfns are what the kernel itself hands out (its own answer, kpageflags or bcc)
         assert online[f.pfn_start : f.pfn_end].all()
     warnings = [f for f in findings if f.severity == audit.WARNING]
-    assert all(f.rule == "online-page-outside-zone" and f.evidence["reserved"] for f in warnings), warnings
+    assert {f.rule for f in warnings} <= STOCK_WARNINGS, warnings
+    assert all(f.evidence["reserved"] for f in warnings if f.rule == "online-page-outside-zone"), warnings
+    assert audit.exit_code(findings, fail_on=audit.WARNING) == (1 if warnings else 0)
 
 
 # -- injected corruption ------------------------------------------------------------------------
@@ -85,11 +90,36 @@ class Injector:
         self.loads = [(h.paddr, h.filesz, h.offset) for h in headers if h.type == 1]  # PT_LOAD
 
     def offset(self, address: int) -> int:
-        phys = follow_phys(self.init_mm, address).value_()
+        return self.phys_offset(follow_phys(self.init_mm, address).value_())
+
+    def phys_offset(self, phys: int) -> int:
         for paddr, size, offset in self.loads:
             if paddr <= phys < paddr + size:
                 return offset + phys - paddr
-        raise AssertionError(f"{address:#x} (phys {phys:#x}) not in the dump")
+        raise AssertionError(f"phys {phys:#x} not in the dump")
+
+    def write_u32(self, address: int, value: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(self.offset(address))
+            f.write((value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def clear_pmd_entry(self, address: int) -> None:
+        """Unmap the 2 MiB of kernel virtual memory around ``address`` by zeroing its PMD entry (x86_64
+        four-level paging, the test bed's guests): a vmemmap hole of 32768 struct pages."""
+        assert not self.prog["__pgtable_l5_enabled"].value_()
+        table = follow_phys(self.init_mm, self.prog["init_mm"].pgd.value_()).value_()
+        frame = 0x000FFFFFFFFFF000
+        for shift in (39, 30, 21):  # PGD, PUD, PMD
+            entry_phys = table + ((address >> shift) & 0x1FF) * 8
+            with open(self.path, "r+b") as f:
+                f.seek(self.phys_offset(entry_phys))
+                entry = int.from_bytes(f.read(8), "little")
+                assert entry & 1, f"{address:#x} not mapped at level {shift}"
+                if shift == 21:
+                    f.seek(self.phys_offset(entry_phys))
+                    f.write(bytes(8))
+                    return
+            table = entry & frame
 
     def read_u64(self, address: int) -> int:
         with open(self.path, "rb") as f:
@@ -262,3 +292,110 @@ def test_model_over_findings_is_per_pfn_consistent(captured: Callable[[str, str]
             "zone_id",
         ):
             assert single[name][0] == whole[name][i], (pfn, name)
+
+
+def new_by_rule(clean: Snapshot, findings: list[audit.Finding], rule: str) -> list[tuple[int, int]]:
+    """(start, end) of the findings of ``rule`` that the clean snapshot does not have, any severity."""
+    before = {(f.rule, f.pfn_start, f.pfn_end) for f in audit.audit(clean)}
+    return [
+        (f.pfn_start, f.pfn_end) for f in findings if f.rule == rule and (f.rule, f.pfn_start, f.pfn_end) not in before
+    ]
+
+
+def collision_pgmap(snap: Snapshot) -> tuple[Pagemap, int, int]:
+    """The pgmap sharing a section with RAM, and that section's pfn range."""
+    per = snap.layout.pages_per_section
+    pgmap = next(p for p in snap.pagemaps if p.ranges[0][0] % per)
+    first = pgmap.ranges[0][0] // per * per
+    return pgmap, first, first + per
+
+
+def test_dying_pgmap_hands_out_device_pages(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    """A pgmap whose ref memunmap_pages() killed (__PERCPU_REF_DEAD) is no longer found by
+    get_dev_pagemap(): pfn_to_online_page() hands out its pfns in the online tainted section."""
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        pgmap, _, section_end = collision_pgmap(snap)
+        ref = drgn.Object(prog, "struct dev_pagemap", address=pgmap.address).ref
+        dead = prog["__PERCPU_REF_DEAD"].value_() | prog["__PERCPU_REF_ATOMIC"].value_()
+        inj.write_u64(ref.percpu_count_ptr.address_, ref.percpu_count_ptr.value_() | dead)
+        target["start"], target["end"] = pgmap.ranges[0][0], section_end
+
+    clean, findings = corrupt("pmem-collision", change)
+    assert new_by_rule(clean, findings, "online-device-page") == [(target["start"], target["end"])]
+    hit = next(f for f in findings if f.rule == "online-device-page")
+    assert hit.severity == audit.ERROR and hit.evidence["pgmap_ref_live"] is False
+
+
+def test_missing_device_taint(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        _, start, end = collision_pgmap(snap)
+        section = next(s for s in snap.sections if s.start_pfn == start)
+        taint = snap.layout.section_flags["SECTION_TAINT_ZONE_DEVICE"]
+        inj.write_u64(section.address, inj.read_u64(section.address) & ~taint)
+        target["start"], target["end"] = start, end
+
+    clean, findings = corrupt("pmem-collision", change)
+    assert new_by_rule(clean, findings, "section-taint-missing") == [(target["start"], target["end"])]
+
+
+def test_stale_device_taint(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        section = next(s for s in snap.sections if s.nr == 2)
+        taint = snap.layout.section_flags["SECTION_TAINT_ZONE_DEVICE"]
+        inj.write_u64(section.address, inj.read_u64(section.address) | taint)
+        target["start"], target["end"] = section.start_pfn, section.start_pfn + section.nr_pages
+
+    clean, findings = corrupt("boot", change)
+    assert new_by_rule(clean, findings, "section-taint-stale") == [(target["start"], target["end"])]
+    assert not new_findings(clean, findings)  # a warning: the kernel only takes a slow path for nothing
+
+
+def test_vmemmap_hole_under_offline_pfns(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    """pfn_valid() pfns (here an offline DIMM section) whose struct pages are not mapped."""
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        pfn = dimm_block(snap, 1)
+        inj.clear_pmd_entry(page_address(snap, pfn))
+        target["pfn"] = pfn
+
+    clean, findings = corrupt("dimm-offline", change)
+    per_pmd = (1 << 21) // clean.layout.struct_page_size
+    assert new_by_rule(clean, findings, "memmap-unmapped") == [(target["pfn"], target["pfn"] + per_pmd)]
+    assert [f.evidence["kind"] for f in findings if f.rule == "memmap-unmapped"] == ["offline"]
+
+
+def test_page_of_no_node(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        fmt = page_format(prog, len(snap.layout.zone_names))
+        pfn = dimm_block(snap, 2) + 300
+        mask = fmt.nodes_mask << fmt.nodes_pgoff
+        for i in range(24):
+            address = page_address(snap, pfn + i)
+            inj.write_u64(address, (inj.read_u64(address) & ~mask) | 3 << fmt.nodes_pgoff)
+        target["pfn"] = pfn
+
+    clean, findings = corrupt("dimm-online", change)
+    assert new_by_rule(clean, findings, "page-node-invalid") == [(target["pfn"], target["pfn"] + 24)]
+
+
+def test_block_of_another_node(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        pfn = dimm_block(snap, 3)
+        block = next(b for b in snap.blocks if b.start_pfn == pfn)
+        mem = drgn.cast("struct memory_block *", xa_load(prog["memory_blocks"].address_of_(), block.id))
+        inj.write_u32(mem.nid.address_, 1)
+        target["start"], target["end"] = block.start_pfn, block.start_pfn + block.nr_pages
+
+    clean, findings = corrupt("dimm-online", change)
+    assert new_by_rule(clean, findings, "page-node-block-mismatch") == [(target["start"], target["end"])]

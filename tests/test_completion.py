@@ -163,6 +163,7 @@ def test_bash_protocol(entry_point: Path) -> None:
     assert complete(entry_point, "bash", "kmeminspect audit --", "2") == [
         "plain,--rules",
         "plain,--errors-only",
+        "plain,--fail-on",
         "plain,--help",
     ]
 

@@ -18,6 +18,7 @@ from ..state import Snapshot
 from .bookkeeping import (
     block_findings,
     disagreements,
+    invalid_node,
     node_findings,
     section_findings,
     taint_findings,
@@ -111,6 +112,7 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
     # a deferred pfn's memmap is not initialized yet: its content (zone, node) means nothing. The boot
     # memmap is allocated raw (memblock), so it may hold leftovers rather than zeros (seen under SeaBIOS).
     outside = p2op & ((inactive & np.uint32(bits["outside-zone-span"])) != 0) & ((inactive & insane) == 0) & ~deferred
+    outside &= ~invalid_node(snapshot, seg)  # page-node-invalid says more
     for start, end, (zone_id, nid, reserved) in grouped(
         seg, outside, lambda r: (int(r["zone_id"]), int(r["nid"]), int(r["reserved"]))
     ):

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .. import model
-from ..state import Snapshot
+from ..state import MEMMAP_READ, Snapshot
 from .rules import Finding, find, grouped
 
 
@@ -139,11 +139,15 @@ def block_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
 
 
 def node_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
-    """``page-node-invalid`` and ``page-node-block-mismatch``: the node stored in initialized pages."""
+    """``page-node-invalid`` and ``page-node-block-mismatch``: the node stored in initialized pages.
+
+    A node id no online node has also makes the page fall outside every zone span (so never active): the
+    first rule judges pages the kernel treats as initialized (online section or registered device pfn)
+    whose content reads as written by it, however their node reads."""
     active = seg["pfn_active"] == 1
     nids = np.array(sorted(n.nid for n in snapshot.nodes), dtype=np.int64)
     if nids.size:
-        invalid = active & ~np.isin(seg["nid"].astype(np.int64), nids)
+        invalid = invalid_node(snapshot, seg)
         for start, end, nid in grouped(seg, invalid, lambda r: int(r["nid"])):
             yield find(
                 "page-node-invalid",
@@ -174,6 +178,18 @@ def node_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
             page_nid=nid,
             block_nid=block_nid[block_id],
         )
+
+
+def invalid_node(snapshot: Snapshot, seg: np.ndarray) -> np.ndarray:
+    """Pages whose read, non-zero content names a node with no ``pglist_data``, where the kernel treats
+    the memmap as initialized: online sections and registered device ranges (deferred pfns excepted)."""
+    nids = np.array(sorted(n.nid for n in snapshot.nodes), dtype=np.int64)
+    content = (seg["memmap"] == MEMMAP_READ) & (seg["zeroed"] == 0) & (seg["poisoned"] == 0)
+    judged = content & (seg["deferred"] == 0) & ((seg["online_section"] == 1) | (seg["registry_pgmap"] != 0))
+    if not nids.size:
+        return np.zeros(seg.size, dtype=bool)
+    result: np.ndarray = judged & ~np.isin(seg["nid"].astype(np.int64), nids)
+    return result
 
 
 def _driver_managed(snapshot: Snapshot) -> list[tuple[int, int]]:
