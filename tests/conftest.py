@@ -23,8 +23,8 @@ from vmfixtures.scenarios import SCENARIOS  # noqa: E402
 IN_CI = os.environ.get("CI") == "true"
 GENERATIONS = list(download.GENERATIONS)
 #: scenarios whose truth was read inside the running guest (kpageflags, sysfs) and whose dumps carry their
-#: VMCOREINFO: all but those stopped during boot (``stop_at``: early-boot, see test_testbed.py)
-IN_GUEST_SCENARIOS = [name for name, scenario in SCENARIOS.items() if scenario.stop_at is None]
+#: VMCOREINFO: all but those stopped by a breakpoint (``Scenario.stopped``: see test_stopped_states.py)
+IN_GUEST_SCENARIOS = [name for name, scenario in SCENARIOS.items() if not scenario.stopped]
 
 
 def missing_prerequisite(reason: str) -> None:

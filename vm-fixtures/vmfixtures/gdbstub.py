@@ -20,6 +20,8 @@ from .qmp import connect_unix
 
 #: offset of rip in the reply to 'g' (x86_64: 16 general-purpose registers of 8 bytes come first)
 RIP_OFFSET = 16 * 8
+#: GDB's x86_64 register order: rax, rbx, rcx, rdx, rsi, rdi, ...; rdi holds a function's first argument
+RDI_OFFSET = 5 * 8
 #: the kernel half of the x86_64 address space, where drgn reads go through the gdbstub
 KERNEL_HALF = 0xFFFF800000000000
 #: bytes per 'm' request (QEMU's gdbstub packets hold 4096 characters, two per byte)
@@ -91,8 +93,19 @@ class GdbStub:
 
     # -- commands ----------------------------------------------------------------------------------
     def set_breakpoint(self, address: int) -> None:
-        if self.request(f"Z0,{address:x},1") != "OK":
-            raise GdbError(f"cannot set a breakpoint at {address:#x}")
+        reply = self.request(f"Z0,{address:x},1")
+        if reply != "OK":
+            raise GdbError(f"cannot set a breakpoint at {address:#x} ({reply!r})")
+
+    def halt_reason(self) -> str:
+        """Ask why the guest is stopped ('?'): what a debugger does first on attaching to a running guest,
+        which QEMU stops. A stop QEMU reports on its own as the guest halts is drained with it."""
+        reply = self.request("?")
+        try:
+            while True:
+                reply = self._receive(timeout=1.0)
+        except GdbError:
+            return reply
 
     def remove_breakpoint(self, address: int) -> None:
         self.request(f"z0,{address:x},1")
@@ -108,6 +121,21 @@ class GdbStub:
     def pc(self) -> int:
         registers = bytes.fromhex(self.request("g"))
         return int.from_bytes(registers[RIP_OFFSET : RIP_OFFSET + 8], "little")
+
+    def first_argument(self) -> int:
+        """rdi: at a function's entry, its first argument (System V x86_64 calling convention)."""
+        registers = bytes.fromhex(self.request("g"))
+        return int.from_bytes(registers[RDI_OFFSET : RDI_OFFSET + 8], "little")
+
+    def stop_at(self, address: int, hits: int, timeout: float) -> None:
+        """Run until the ``hits``-th time the guest reaches ``address``, then leave it stopped there."""
+        self.set_breakpoint(address)
+        for _ in range(hits):
+            self.run_until_stop(timeout=timeout)
+            pc = self.pc()
+            if pc != address:
+                raise GdbError(f"the guest stopped at {pc:#x}, not at {address:#x}")
+        self.remove_breakpoint(address)
 
     def read(self, address: int, size: int) -> bytes:
         """Guest virtual memory, translated by the stopped CPU's page tables."""

@@ -42,6 +42,17 @@ class Scenario:
     #: a kernel function: the state is the boot stopped at its entry (needs ``nokaslr``); ``setup`` then
     #: runs once the guest has booted on
     stop_at: str | None = None
+    #: a shell command run in the background once ``setup`` is done (it is given the guest to choose
+    #: its target); the state is the guest stopped in what the command does, at ``stop_chain``
+    trigger: Callable[[Guest], str] | None = None
+    #: after ``stop_at`` or ``trigger``: (function, hits) breakpoints armed one after another; the state is
+    #: the last one's ``hits``-th entry (gdbstub.py). Needs ``nokaslr``.
+    stop_chain: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def stopped(self) -> bool:
+        """The state is a guest stopped by a breakpoint: no user space runs at its moment."""
+        return self.stop_at is not None or self.trigger is not None
 
     def guest(self, kernel: Kernel, workdir: Path | None = None) -> Guest:
         """A busybox guest, not yet started, set up to boot into this scenario. With ``stop_at`` it
@@ -55,7 +66,7 @@ class Scenario:
             qemu_args=list(self.qemu_args),
             memory=self.memory,
             workdir=workdir,
-            gdb=self.stop_at is not None,
+            gdb=self.stopped,
         )
 
 
@@ -263,6 +274,32 @@ def _big_blocks(guest: Guest) -> None:
 #: seen in their disassembly). Its entry is the last moment at which the kernel records what is deferred.
 EARLY_BOOT_STOP = "deferred_init_memmap"
 
+#: deferred-init-running: the Nth __free_pages_core() after deferred_init_memmap() began. Deferred init
+#: walks the node upward one MAX_ORDER block (1024 pfns) at a time: initializes it, then frees it there
+#: (6.1, 6.12, 7.3 alike; one vCPU, so one chunk at a time). first_deferred_pfn is ULONG_MAX by then.
+DEFERRED_INIT_STOP = ("__free_pages_core", 120)
+
+
+def _online_first_dimm_block(guest: Guest) -> str:
+    """Online the DIMM's first block (movable) after a delay, so the caller can arm its breakpoint."""
+    block = min(b for b, state in memory_blocks(guest).items() if state == "offline")
+    return f"sleep 3; echo online_movable > /sys/devices/system/memory/memory{block}/state"
+
+
+#: onlining: online_pages() stopped at online_mem_sections(): the memmap is initialized and the pages are
+#: in the buddy (isolated), but SECTION_IS_ONLINE is not set yet (mm/memory_hotplug.c, all three)
+ONLINING_STOP = ("online_mem_sections", 1)
+
+
+def _disable_pmem_namespace(guest: Guest) -> str:
+    return "sleep 3; ndctl disable-namespace namespace0.0"
+
+
+#: pgmap-teardown: memunmap_pages() stopped at remove_pfn_range_from_zone(): pgmap->ref killed (so
+#: get_dev_pagemap() fails), the registry entry and the memmap still there. devm_memremap_pages_release()
+#: arms it, since remove_pfn_range_from_zone() also serves memory block offlining.
+PGMAP_TEARDOWN_STOPS = (("devm_memremap_pages_release", 1), ("remove_pfn_range_from_zone", 1))
+
 _DIMM_MEMORY = Memory(boot_mb=1024, slots=4, maxmem_mb=4096)
 _PMEM_MEMORY = Memory(boot_mb=2048, slots=2, maxmem_mb=4096)
 #: QEMU's device-memory area starts at 4 GiB and spans maxmem - boot + 1 GiB per slot: up to 70 GiB here
@@ -386,6 +423,37 @@ SCENARIOS: dict[str, Scenario] = {
             cmdline=("memhp_default_state=offline", "nokaslr"),
             memory=Memory(boot_mb=2048, slots=1, maxmem_mb=4096),
             stop_at=EARLY_BOOT_STOP,
+        ),
+        Scenario(
+            "deferred-init-running",
+            f"2 GiB guest stopped at the {DEFERRED_INIT_STOP[1]}th {DEFERRED_INIT_STOP[0]}() of deferred init",
+            _boot,
+            cmdline=("memhp_default_state=offline", "nokaslr"),
+            memory=Memory(boot_mb=2048, slots=1, maxmem_mb=4096),
+            stop_at=EARLY_BOOT_STOP,
+            stop_chain=(DEFERRED_INIT_STOP,),
+        ),
+        Scenario(
+            "onlining",
+            "a 512 MiB DIMM whose first block is being onlined, stopped before online_mem_sections()",
+            _dimm_offline,
+            cmdline=("memhp_default_state=offline", "nokaslr"),
+            memory=_DIMM_MEMORY,
+            trigger=_online_first_dimm_block,
+            stop_chain=(ONLINING_STOP,),
+        ),
+        Scenario(
+            "pgmap-teardown",
+            "pmem-collision's fsdax namespace being disabled, stopped inside memunmap_pages()",
+            _pmem_collision,
+            cmdline=(
+                "memhp_default_state=offline",
+                "nokaslr",
+                f"memmap={COLLISION_SIZE >> 20}M!{COLLISION_START >> 20}M",
+            ),
+            memory=_PMEM_MEMORY,
+            trigger=_disable_pmem_namespace,
+            stop_chain=PGMAP_TEARDOWN_STOPS,
         ),
     ]
 }

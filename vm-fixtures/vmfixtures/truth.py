@@ -37,6 +37,7 @@ from typing import Any
 
 import drgn
 import numpy as np
+from drgn.helpers.linux.xarray import xa_for_each
 
 from .cache import cache_dir, locked, log
 from .download import Kernel
@@ -278,14 +279,64 @@ def _write_dumps(guest: Guest, work: Path) -> None:
     guest.dump(work / "vmcore.kdump", "kdump-zlib")
 
 
+def _follow_chain(prog: drgn.Program, stub: GdbStub, scenario: Scenario, truth: dict[str, Any]) -> None:
+    """Arm the scenario's ``stop_chain`` breakpoints one after another; record where it stopped."""
+    for function, hits in scenario.stop_chain:
+        address = prog.symbol(function).address
+        stub.stop_at(address, hits, timeout=300)
+        truth["stop"] = {"function": function, "hits": hits, "address": address, "pc": stub.pc()}
+        log(f"stopped at {function} (hit {hits})")
+    truth["stop"]["first_argument"] = stub.first_argument()
+
+
+def stop_bookkeeping(prog: drgn.Program) -> dict[str, Any]:
+    """What the stopped kernel holds that the scenarios' tests compare with kmeminspect's reading: node 0's
+    bookkeeping, the deferred_pages key, every pgmap's ref word and every memory block's state."""
+    truth = node_bookkeeping(prog)
+    truth["deferred_pages_enabled"] = prog["deferred_pages"].key.enabled.counter.value_()
+    pgmaps = []
+    for _, entry in xa_for_each(prog["pgmap_array"].address_of_()):
+        pgmap = drgn.cast("struct dev_pagemap *", entry)
+        pgmaps.append({"address": entry.value_(), "percpu_count_ptr": pgmap.ref.percpu_count_ptr.value_()})
+    truth["pgmaps"] = pgmaps
+    blocks = []
+    if "memory_blocks" in prog:  # without CONFIG_MEMORY_HOTPLUG there are none
+        for block_id, entry in xa_for_each(prog["memory_blocks"].address_of_()):
+            mem = drgn.cast("struct memory_block *", entry)
+            blocks.append({"id": int(block_id), "state": mem.state.value_(), "online_type": mem.online_type.value_()})
+    truth["memory_blocks"] = blocks
+    return truth
+
+
 def _capture_stopped(guest: Guest, kernel: Kernel, scenario: Scenario, work: Path, dumps: bool) -> dict[str, Any]:
-    """Stop the booting guest at ``scenario.stop_at``, read its bookkeeping and dump it there; then let it
-    boot on for what only a booted guest tells (release, command line, its VMCOREINFO)."""
-    assert scenario.stop_at is not None and guest.gdb_path is not None
+    """Stop the guest where the scenario says, read its bookkeeping and dump it there.
+
+    A boot stop (``stop_at``) starts the guest frozen and lets it boot on afterwards for what only a
+    booted guest tells (release, command line, its VMCOREINFO). A ``trigger`` stop boots the guest, sets it
+    up, starts the trigger in the background and stops the guest inside what it does; it stays stopped."""
+    assert guest.gdb_path is not None
     prog = kernel_debug_info(kernel.vmlinux)
-    address = prog.symbol(scenario.stop_at).address
+    truth: dict[str, Any] = {"format": FORMAT_VERSION}
     guest.launch()
     launched = time.monotonic()
+    if scenario.trigger is not None:
+        guest.execute("cont")
+        guest.wait_for_agent()
+        scenario.setup(guest)
+        truth["release"] = guest.run("uname -r").text.strip()
+        truth["cmdline"] = guest.run("cat /proc/cmdline").text.strip()
+        truth["trigger"] = scenario.trigger(guest)
+        guest.run_background(truth["trigger"])
+        with GdbStub(guest.gdb_path) as stub:  # QEMU stops the guest while a debugger attaches
+            stub.halt_reason()
+            read_through(prog, stub)
+            _follow_chain(prog, stub, scenario, truth)
+            truth.update(stop_bookkeeping(prog))
+            if dumps:
+                _write_dumps(guest, work)
+        return truth
+    assert scenario.stop_at is not None
+    address = prog.symbol(scenario.stop_at).address
     with GdbStub(guest.gdb_path) as stub:
         stub.set_breakpoint(address)
         stub.run_until_stop(timeout=300)
@@ -293,13 +344,13 @@ def _capture_stopped(guest: Guest, kernel: Kernel, scenario: Scenario, work: Pat
         if pc != address:
             raise RuntimeError(f"the guest stopped at {pc:#x}, not at {scenario.stop_at} ({address:#x})")
         log(f"stopped at {scenario.stop_at} {time.monotonic() - launched:.1f}s after launch")
-        truth: dict[str, Any] = {"format": FORMAT_VERSION}
         truth["stop"] = {"function": scenario.stop_at, "address": address, "pc": pc}
+        stub.remove_breakpoint(address)
         read_through(prog, stub)
-        truth.update(node_bookkeeping(prog))
+        _follow_chain(prog, stub, scenario, truth)
+        truth.update(stop_bookkeeping(prog))
         if dumps:
             _write_dumps(guest, work)
-        stub.remove_breakpoint(address)
         stub.detach()
     guest.wait_for_agent()
     scenario.setup(guest)
@@ -332,10 +383,10 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"capturing {scenario_name} on {kernel.release}")
-    use_bcc = scenario.stop_at is None and not kpageflags_reports_nopage(kernel)
+    use_bcc = not scenario.stopped and not kpageflags_reports_nopage(kernel)
     guest = rootfs_guest(scenario_name, kernel, work / "guest") if use_bcc else scenario.guest(kernel, work / "guest")
     try:
-        if scenario.stop_at is not None:
+        if scenario.stopped:
             truth = _capture_stopped(guest, kernel, scenario, work, dumps)
         else:
             guest.start()
@@ -353,7 +404,7 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
         truth["scenario"] = scenario_name
         truth["generation"] = kernel.generation
         truth["kernel_version"] = kernel.version
-        if dumps and scenario.stop_at is None:
+        if dumps and not scenario.stopped:
             _write_dumps(guest, work)
         (work / "truth.json").write_text(json.dumps(truth, indent=1))
     finally:
