@@ -104,7 +104,7 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
                 start,
                 end,
                 f"pfn_to_online_page() returns PG_reserved pages with zone id {len(layout.zone_names)} "
-                f"(MAX_NR_ZONES) that no zone spans: a stock kernel's init_reserved_page()/__init_page_from_nid()",
+                f"(MAX_NR_ZONES) that no zone spans: stock init_reserved_page() (7.x: __init_deferred_page())",
                 zone_id=len(layout.zone_names),
             )
         )

@@ -56,9 +56,9 @@ RULES = [
         "reserved-page-past-last-zone",
         WARNING,
         "pfn_to_online_page() hands out PG_reserved pages with zone id MAX_NR_ZONES that no zone spans: "
-        "stock kernels initialize memblock-reserved pfns outside every zone that way (init_reserved_page() "
-        "up to 6.12, __init_page_from_nid()/init_deferred_page() on 7.x; unfixed upstream), page_zone() "
-        "on them indexes past node_zones[]",
+        "stock kernels initialize memblock-reserved deferred pfns outside every zone that way "
+        "(init_reserved_page() in 6.1 and 6.12, __init_deferred_page() in 7.3; unfixed as of 7.3), "
+        "page_zone() on them indexes past node_zones[]",
         "all with CONFIG_DEFERRED_STRUCT_PAGE_INIT",
     ),
     Rule(
