@@ -128,13 +128,14 @@ def checks(vmlinux: Path | None = None) -> list[Check]:
     ok, found, fix = _debug_info_check(release, vmlinux)
     add("debug info", ok, found, "--live", fix)
     try:
-        import drgn
+        from .target import drgn_version
 
-        version = tuple(int(part) for part in drgn.__version__.split("+")[0].split(".")[:3])
+        found = drgn_version()
+        version = tuple(int(part) for part in found.split("+")[0].split(".")[:3])
         add(
             "drgn",
             version >= DRGN_MINIMUM,
-            drgn.__version__,
+            found,
             "everything",
             "python3 -m pip install --upgrade drgn",
         )

@@ -1163,3 +1163,109 @@ class LiveStress:
                 audit.final = audit.sample(source)
         except Interrupted:
             audit.final = None
+
+
+# -- texts -------------------------------------------------------------------------------------------
+
+
+def plan_text(plan: Plan, sysfs: MemoryBlocks, walkers: dict[str, str | None], lines: list[str]) -> str:
+    """What a live run will touch, printed before it changes anything."""
+    out = [
+        f"kmeminspect stress: cycling {len(plan.blocks)} memory blocks (writes: {', '.join(plan.writes)}); "
+        "nothing else is changed"
+    ]
+    for block, state in plan.blocks.items():
+        start, end = sysfs.phys_range(block)
+        out.append(f"  block {block:<5} {start:#x}-{end:#x}  {state.describe()}")
+    for block, why in plan.skipped.items():
+        out.append(f"  skipped block {block}: {why}")
+    if walkers:
+        out.append(
+            "  walkers: " + ", ".join(k if why is None else f"{k} (not run: {why})" for k, why in walkers.items())
+        )
+    return "\n".join(out + [f"  {line}" for line in lines])
+
+
+def _restoration_line(r: dict[str, Any]) -> str:
+    what = f"block {r['block']}" if "block" in r else r["what"]
+    reason = r.get("errno") or r.get("reason") or r["result"]
+    return f"NOT RESTORED {what} ({reason}): {r['advice']}"
+
+
+def report_text(data: dict[str, Any]) -> str:
+    """A stress report (``--json``'s object) for a terminal."""
+    t = data["transitions"]
+    rate = f" ({t['per_second']}/s)" if t["per_second"] else ""
+    out = [
+        f"stopped by: {data['stopped_by']} after {data['seconds']} s" + (f": {data['error']}" if data["error"] else ""),
+        f"transitions: {t['attempted']} attempted, {t['done']} done{rate}",
+    ]
+    for action, c in t["by_action"].items():
+        refused = {k: v for k, v in c.items() if k not in ("attempted", "done", "seconds")}
+        average = c["seconds"] / c["attempted"] if c["attempted"] else 0
+        out.append(
+            f"  {action:<15} {c['attempted']:>6} attempted {c['done']:>6} done  {average:.2f} s each"
+            + "".join(f"  {k} {v}" for k, v in refused.items())
+        )
+    for name, r in t["refusals"].items():
+        out.append(f"refused {r['count']}x {name}" + (f": {r['meaning']}" if r["meaning"] else ""))
+    for a in t["anomalies"]:
+        out.append(f"anomaly: {a}")
+    for w in data["walkers"]:
+        if "note" in w and "passes" not in w:
+            out.append(f"walker {w['kind']}: {w['note']}")
+        else:
+            errors = ", ".join(f"{k} {v}" for k, v in w.get("errors", {}).items())
+            work = f"{w.get('pfns', 0)} pfns read in {w.get('passes', 0)} passes" if w.get("pfns") else ""
+            out.append(
+                f"walker {w['kind']}: {work or str(w.get('passes', 0)) + ' runs'}"
+                + (f", errors: {errors}" if errors else "")
+                + (f" ({w['note']})" if "note" in w else "")
+            )
+    audit = data["audit"]
+    if audit:
+        base = ", ".join(f"{n} {s}" for s, n in audit["baseline"].items())
+        new = audit["new_errors"]
+        out.append(
+            f"audit: {audit['samples']} samples (every {audit['every']} transitions); baseline {base}; "
+            f"new errors confirmed: {len(new)}, unconfirmed (torn reads): {audit['unconfirmed']}"
+        )
+        for f in new:
+            out.append(
+                f"  after {f['after_transitions']}: {f['rule']} {f['pfn_start']:#x}-{f['pfn_end']:#x} {f['message']}"
+            )
+        final = audit["final_new_errors"]
+        if final is None:
+            out.append("  after restoring: not audited (interrupted, failed or not restored)")
+        else:
+            out.append(f"  after restoring: {len(final)} new errors" + ("" if final else " (back to the baseline)"))
+    results = [r["result"] for r in data["restoration"]]
+    if data["restored"]:
+        out.append(
+            f"restored: everything is back in its original state ({results.count('restored')} put back, "
+            f"{results.count('unchanged')} unchanged)"
+        )
+    else:
+        out += [_restoration_line(r) for r in data["restoration"] if r["result"] not in ("restored", "unchanged")]
+    if data.get("journal_error"):
+        out.append(f"journal: {data['journal_error']}")
+    traced = (data.get("hooks") or {}).get("trace")
+    if traced:
+        out.append(
+            f"trace: {traced['error']}"
+            if "error" in traced
+            else f"trace: {traced['races']} races ({traced['race_windows']} windows), "
+            f"{traced['handouts_inactive']} inactive hand-outs, {traced['events_lost']} events lost"
+        )
+    out.append(f"journal: {data['journal']}")
+    return "\n".join(out)
+
+
+def restore_text(data: dict[str, Any]) -> str:
+    if data["note"]:
+        return f"{data['journal']}: {data['note']}"
+    results = [r["result"] for r in data["blocks"]]
+    if data["complete"]:
+        done, unchanged = results.count("restored"), results.count("unchanged")
+        return f"{data['journal']}: everything back ({done} put back, {unchanged} unchanged)"
+    return "\n".join(_restoration_line(r) for r in data["blocks"] if r["result"] not in ("restored", "unchanged"))

@@ -619,3 +619,25 @@ def restore_qemu_journal(
         return QemuRestoreReport(str(path), results)
     finally:
         journal.close()
+
+
+def plan_text(runner: QemuStress, vmem: VirtioMem | None, every: int, seed: int) -> str:
+    """What a QEMU run will do to the guest, printed before it changes anything."""
+    limits, socket_path, path = runner.limits, runner.socket_path, runner.journal_path
+    plan = [f"kmeminspect stress: the QEMU guest behind {socket_path}; nothing else is changed"]
+    if limits.dimm_rounds:
+        plan.append(
+            f"  {limits.dimm_rounds} DIMM rounds: add a {limits.dimm_size >> 20} MiB pc-dimm "
+            f"({runner.prefix}-dimmN), let the guest take it, device_del it"
+        )
+    if vmem and limits.resizes:
+        plan.append(
+            f"  {limits.resizes} resizes of virtio-mem {vmem.id}: 0-{vmem.max_size >> 20} MiB in "
+            f"{vmem.block_size >> 20} MiB steps, back to {vmem.requested_size >> 20} MiB at the end"
+        )
+    plan += [
+        f"  audit: every {every} operations (drgn over QMP)" if every else "  audit: off",
+        f"  seed {seed}; per-operation timeout {limits.timeout:g} s",
+        f"  journal: {path} (after a crash: kmeminspect --qemu {socket_path} stress --restore {path})",
+    ]
+    return "\n".join(plan)

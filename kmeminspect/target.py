@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 import drgn
+from drgn import Program as Program  # re-exported: the type of an open kernel, for modules without drgn
 
 from .errors import TargetError
 
 EM_X86_64 = 62
+
+
+def drgn_version() -> str:
+    """The drgn this process imports (``doctor`` checks it; importing this module fails without drgn)."""
+    return drgn.__version__
+
+
 X86_64 = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
 KDUMP_SIGNATURE = b"KDUMP   "
 _NO_VMCOREINFO = (

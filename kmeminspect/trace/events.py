@@ -240,3 +240,23 @@ def format_callers(rows: list[CallerRow], top: int, summary: dict[str, Any]) -> 
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more keys (--top)")
     return "\n".join(lines)
+
+
+def summary_text(summary: dict[str, Any], top: int) -> str:
+    """The end-of-trace summary (``trace``'s JSON object, live or from ``--report``) for a terminal."""
+    lines = []
+    if "callers" in summary:
+        rows = [CallerRow.from_json(r) for r in summary["callers"]]
+        lines.append(format_callers(rows, top, summary))
+    counts = ", ".join(f"{k} {v}" for k, v in summary.get("events", {}).items()) or "none"
+    lines.append(f"events: {counts}")
+    lines.append(
+        f"inactive hand-outs: {summary.get('handouts_inactive', 0)}, races: {summary.get('races', 0)} "
+        f"(and {summary.get('race_windows', 0)} windows), "
+        f"events lost: {summary.get('events_lost', 0)}, stack captures failed: {summary.get('stack_failures', 0)}"
+    )
+    for function, why in sorted(summary.get("unavailable", {}).items()):
+        lines.append(f"not traced: {function}(): {why}")
+    if "stopped_by" in summary:
+        lines.append(f"stopped by {summary['stopped_by']} after {summary['duration_s']} s")
+    return "\n".join(lines)
