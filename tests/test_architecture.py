@@ -83,20 +83,7 @@ def test_no_module_outside_the_cli_imports_it(path: Path) -> None:
         assert not imports_module(path, "kmeminspect.cli"), f"{relative(path)} imports the CLI"
 
 
-#: split by the stress package of issue 15, part 2 (removed from here when it lands)
-NOT_YET_SPLIT = {"stress.py", "stress_qemu.py"}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="not yet split"))
-        if relative(p) in NOT_YET_SPLIT
-        else p
-        for p in modules()
-    ],
-    ids=relative,
-)
+@pytest.mark.parametrize("path", modules(), ids=relative)
 def test_files_are_readable_in_one_sitting(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{relative(path)}: {lines} lines (at most {MAX_LINES}): split it"

@@ -1,5 +1,5 @@
 """``kmeminspect stress``: parse the options, print the plan, run the live or the QEMU driver, print the
-report. The runs, their journal and their texts are in kmeminspect.stress and kmeminspect.stress_qemu."""
+report. The runs, their journal and their texts are in the kmeminspect.stress package."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def stress(
             raise UsageError("--restore JOURNAL takes no other stress option: the journal says what to restore")
         assert restore_file is not None
         if obj.kind == "qemu":
-            from ..stress_qemu import restore_qemu_journal
+            from ..stress.qemu import restore_qemu_journal
 
             assert obj.location is not None
             data = restore_qemu_journal(Path(restore_file), obj.location, say, limit).to_json()
@@ -98,7 +98,7 @@ def stress(
         return Path(journal) if journal else stress_mod.default_journal_path()
 
     def qemu(limit: float, every: int, run_seed: int) -> int:
-        from ..stress_qemu import QemuAudit, QemuLimits, QemuStress, parse_size, plan_text
+        from ..stress.qemu import QemuAudit, QemuLimits, QemuStress, parse_size, plan_text
 
         if live_options or with_trace:
             raise UsageError(
