@@ -17,6 +17,8 @@ from .target import elf_program_headers
 
 @dataclasses.dataclass(frozen=True)
 class Check:
+    """One requirement: whether it is met, what was found, which commands need it, the command that fixes it."""
+
     name: str
     ok: bool
     detail: str
@@ -72,6 +74,7 @@ def vmlinux_build_id(path: Path) -> str | None:
 
 
 def running_build_id() -> str | None:
+    """The GNU build id of the running kernel (``/sys/kernel/notes``), or None when it cannot be read."""
     try:
         return gnu_build_id(Path("/sys/kernel/notes").read_bytes())
     except OSError:

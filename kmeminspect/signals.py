@@ -73,6 +73,7 @@ class Signals:
 
     @property
     def first(self) -> str | None:
+        """The name of the first stop signal received (``SIGTERM``), or None."""
         return signal.Signals(self.received[0]).name if self.received else None
 
     @contextlib.contextmanager
@@ -89,6 +90,7 @@ class Signals:
 
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator[None]:
+        """Raise ``TransitionTimeout`` here once ``seconds`` have passed."""
         signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
             yield

@@ -184,6 +184,8 @@ def _memmap_name(snap: Snapshot, memmap: int) -> str:
 
 
 def describe(snap: Snapshot, row: np.void) -> dict[str, Any]:
+    """What ``pfn`` says of one segment of a snapshot (``model.segments``): predicates, zone, node, memmap,
+    flags."""
     layout = snap.layout
     zone_id = int(row["zone_id"])
     start = int(row["pfn_start"])

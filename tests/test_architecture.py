@@ -87,3 +87,14 @@ def test_no_module_outside_the_cli_imports_it(path: Path) -> None:
 def test_files_are_readable_in_one_sitting(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{relative(path)}: {lines} lines (at most {MAX_LINES}): split it"
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    """docs/architecture.md is the map of the tree: a module it does not name is a module it forgot. A module
+    of a package counts as named when the page names the package (``stress/``) and the file (``live.py``)."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    for path in modules():
+        name = relative(path)
+        package, _, base = name.rpartition("/")
+        named = f"`{name}`" in page or bool(package) and f"`{package}/`" in page and f"`{base}`" in page
+        assert named, f"docs/architecture.md does not name {name}"

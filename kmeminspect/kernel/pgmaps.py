@@ -10,6 +10,8 @@ from ..state import Altmap, Layout, Pagemap
 
 
 def read_pagemaps(prog: Program, layout: Layout) -> list[Pagemap]:
+    """Every ``struct dev_pagemap`` in the ``pgmap_array`` xarray (ZONE_DEVICE memory: pmem, device-DAX, ...):
+    its type, its pfn ranges, and its embedded ``struct vmem_altmap`` when the driver supplied one."""
     try:
         registry = prog["pgmap_array"]
     except KeyError:

@@ -11,6 +11,8 @@ ULONG_MAX = (1 << 64) - 1
 
 
 def read_nodes_and_zones(prog: Program) -> tuple[list[Node], list[Zone]]:
+    """Every online node (``pg_data_t``: its pfn span and ``first_deferred_pfn`` when deferred struct page
+    init is configured) and every zone of each (``zone_start_pfn``, ``spanned_pages``, ``present_pages``)."""
     nodes, zones = [], []
     for pgdat in for_each_online_pgdat(prog):
         nid = pgdat.node_id.value_()

@@ -39,6 +39,7 @@ MiB = 1 << 20
 
 
 def ost_reason(source: int, status: int) -> str:
+    """An ``_OST`` status of an insertion (source 1) or ejection (source 3), as a refusal reason."""
     table = OST_EJECT if source == OST_EJECT_SOURCE else OST_INSERT
     return f"OST {status:#x} ({OST_GENERAL.get(status) or table.get(status, 'unknown')})"
 
@@ -58,6 +59,7 @@ class VirtioMem:
 
 
 def find_virtio_mem(qmp: QMP, device: str) -> VirtioMem:
+    """The virtio-mem device ``device`` (its sizes), or a UsageError saying why it is not one."""
     path = f"/machine/peripheral/{device}"
     try:
         kind = qmp.execute("qom-get", path=path, property="type")
@@ -88,6 +90,7 @@ def backend_of(device: str) -> str:
 
 
 def our_backends(qmp: QMP, prefix: str) -> list[str]:
+    """The memory backends (``/objects``) this run added that QEMU still has."""
     return [o["name"] for o in qmp.execute("qom-list", path="/objects") if o["name"].startswith(prefix + "-")]
 
 

@@ -118,6 +118,8 @@ class QemuAudit:
 
 @dataclasses.dataclass(frozen=True)
 class QemuLimits:
+    """How many DIMM rounds (of which size) and virtio-mem resizes a QEMU run does, and the per-operation time limit."""
+
     dimm_rounds: int
     dimm_size: int
     resizes: int

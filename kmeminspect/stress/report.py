@@ -29,6 +29,8 @@ def put_back(restorations: list[PutBack]) -> bool:
 
 @dataclasses.dataclass
 class ActionCounts:
+    """The transitions of one action (offline, online_movable, dimm-add, ...): tried, done, time, refusals."""
+
     attempted: int = 0
     done: int = 0
     seconds: float = 0.0
@@ -40,6 +42,8 @@ class ActionCounts:
 
 @dataclasses.dataclass
 class Counters:
+    """Every transition of a run: totals, by action, refusals by reason, and the anomalies."""
+
     attempted: int = 0
     done: int = 0
     by_action: dict[str, ActionCounts] = dataclasses.field(default_factory=dict)
@@ -228,6 +232,7 @@ def report_text(data: dict[str, Any]) -> str:
 
 
 def restore_text(data: dict[str, Any]) -> str:
+    """What ``stress --restore`` put back (``--json``'s object) for a terminal."""
     if data["note"]:
         return f"{data['journal']}: {data['note']}"
     results = [r["result"] for r in data["blocks"]]

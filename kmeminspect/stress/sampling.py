@@ -16,6 +16,7 @@ class AuditSource(Protocol):
 
 
 def finding_key(finding: Finding) -> tuple[str, int, int]:
+    """What makes two findings the same one across reads: rule and pfn range."""
     return finding.rule, finding.pfn_start, finding.pfn_end
 
 

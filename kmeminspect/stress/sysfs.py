@@ -47,6 +47,7 @@ REFUSALS = {
 
 
 def errno_name(error: OSError) -> str:
+    """``EBUSY`` for an OSError with errno 16: how refusals are counted and journaled."""
     return errno.errorcode.get(error.errno or 0, f"errno {error.errno}")
 
 

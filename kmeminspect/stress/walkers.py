@@ -20,6 +20,8 @@ WALKER_GRACE = 10.0
 
 @dataclasses.dataclass
 class WalkerRun:
+    """One walker process of a run and, once stopped, its counters (or a note on why there are none)."""
+
     kind: str
     process: subprocess.Popen[str] | None  # None when unavailable on this kernel
     note: str | None = None

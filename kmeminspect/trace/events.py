@@ -141,6 +141,7 @@ def strip_probe_frames(frames: list[str], target: str) -> list[str]:
 
 
 def format_range(start: int, end: int) -> str:
+    """``0x1000-0x2000``: a pfn range as events print it."""
     return f"{start:#x}-{end:#x}"
 
 
@@ -180,6 +181,8 @@ def format_event(e: dict[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CallerRow:
+    """One caller stack of ``pfn_to_online_page()`` and how often it was seen, in one context and with one result."""
+
     count: int
     context: str
     result: str
