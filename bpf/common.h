@@ -2,7 +2,8 @@
  *
  * Nothing here comes from kernel headers: struct field offsets, argument positions, the section and
  * subsection geometry and ZONE_DEVICE's index are read from the kernel's debug info by
- * kmeminspect/trace/probes.py and passed as -D macros, so one source serves 6.1, 6.12 and 7.x.
+ * kmeminspect/kernel/probepoints.py and passed as -D macros by kmeminspect/trace/plan.py, so one source
+ * serves 6.1, 6.12 and 7.x.
  *
  * Macros the loader defines:
  *   KMI_PAGE_SHIFT                             PAGE_SHIFT

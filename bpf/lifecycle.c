@@ -177,6 +177,24 @@ TIMED_CALL(online_pages, EV_ONLINE_PAGES_BEGIN, EV_ONLINE_PAGES_END, ARG_online_
 TIMED_CALL(offline_pages, EV_OFFLINE_PAGES_BEGIN, EV_OFFLINE_PAGES_END, ARG_offline_pages_start_pfn,
 	   ARG_offline_pages_nr_pages, zone_index((void *)ARG_offline_pages_zone), 0)
 
+/* struct vmem_altmap's base_pfn, reserve and free: at an altmap pointer (READ_ALTMAP(p, OFF_ALTMAP)) or
+ * embedded in a struct dev_pagemap (READ_ALTMAP(p, OFF_PGMAP_ALTMAP)) */
+struct altmap_span {
+	u64 base, reserve, free;
+};
+
+static __always_inline struct altmap_span read_altmap(const char *p, u64 off_base, u64 off_reserve, u64 off_free)
+{
+	struct altmap_span a = {
+		.base = read_u64(p + off_base),
+		.reserve = read_u64(p + off_reserve),
+		.free = read_u64(p + off_free),
+	};
+	return a;
+}
+
+#define READ_ALTMAP(p, OFF) read_altmap((const char *)(p), OFF##_BASE, OFF##_RESERVE, OFF##_FREE)
+
 int kmi_move_pfn_range_to_zone(struct pt_regs *ctx)
 {
 	begin(ctx, EV_MOVE_TO_ZONE, ARG_move_pfn_range_to_zone_start_pfn, ARG_move_pfn_range_to_zone_nr_pages,
@@ -194,13 +212,11 @@ int kmi_move_pfn_range_to_zone_ret(struct pt_regs *ctx)
 	u64 lo = v.pfn, hi = v.pfn + v.nr_pages;
 	if (v.zone == ZONE_DEVICE_IDX) {
 		if (v.ptr) {
-			u64 base = read_u64((const char *)v.ptr + OFF_ALTMAP_BASE);
-			u64 reserve = read_u64((const char *)v.ptr + OFF_ALTMAP_RESERVE);
-			u64 free = read_u64((const char *)v.ptr + OFF_ALTMAP_FREE);
-			if (base + reserve > lo)
-				lo = base + reserve;
-			if (base + reserve + free < hi)
-				hi = base + reserve + free;
+			struct altmap_span a = READ_ALTMAP(v.ptr, OFF_ALTMAP);
+			if (a.base + a.reserve > lo)
+				lo = a.base + a.reserve;
+			if (a.base + a.reserve + a.free < hi)
+				hi = a.base + a.reserve + a.free;
 		} else {
 			hi = lo;
 		}
@@ -290,11 +306,9 @@ int kmi_memmap_init_zone_device_ret(struct pt_regs *ctx)
 	if (!end(EV_DEVICE_INIT_BEGIN, &v))
 		return 0;
 	u64 lo = v.pfn, hi = v.pfn + v.nr_pages;
-	u64 base = read_u64((const char *)v.ptr + OFF_PGMAP_ALTMAP_BASE);
-	u64 reserve = read_u64((const char *)v.ptr + OFF_PGMAP_ALTMAP_RESERVE);
-	u64 free = read_u64((const char *)v.ptr + OFF_PGMAP_ALTMAP_FREE);
-	if ((base || reserve || free) && base + reserve + free > lo)
-		lo = base + reserve + free;
+	struct altmap_span a = READ_ALTMAP(v.ptr, OFF_PGMAP_ALTMAP);
+	if ((a.base || a.reserve || a.free) && a.base + a.reserve + a.free > lo)
+		lo = a.base + a.reserve + a.free;
 	if (lo < hi)
 		range_op(lo, hi, OP_ACTIVATE);
 	emit_end(EV_DEVICE_INIT_END, &v, 0, lo);

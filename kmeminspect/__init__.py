@@ -20,10 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from drgn import Program
-
     from .audit import Finding
     from .state import Snapshot
+    from .target import Program
 
 __version__ = "0.1.0"
 
@@ -66,7 +65,7 @@ def explain_pfns(snapshot: Snapshot, start: int, end: int | None = None) -> list
     :param end: One past the last pfn. Default: ``start + 1``.
     :raises kmeminspect.errors.UsageError: if ``start`` is beyond the highest present section.
     """
-    from .cli import pfn_view
+    from .views import pfn_view
 
     data, _ = pfn_view(snapshot, start, start + 1 if end is None else end, is_range=True)
     runs: list[dict[str, Any]] = data["runs"]

@@ -17,6 +17,8 @@ from .target import elf_program_headers
 
 @dataclasses.dataclass(frozen=True)
 class Check:
+    """One requirement: whether it is met, what was found, which commands need it, the command that fixes it."""
+
     name: str
     ok: bool
     detail: str
@@ -72,6 +74,7 @@ def vmlinux_build_id(path: Path) -> str | None:
 
 
 def running_build_id() -> str | None:
+    """The GNU build id of the running kernel (``/sys/kernel/notes``), or None when it cannot be read."""
     try:
         return gnu_build_id(Path("/sys/kernel/notes").read_bytes())
     except OSError:
@@ -128,13 +131,14 @@ def checks(vmlinux: Path | None = None) -> list[Check]:
     ok, found, fix = _debug_info_check(release, vmlinux)
     add("debug info", ok, found, "--live", fix)
     try:
-        import drgn
+        from .target import drgn_version
 
-        version = tuple(int(part) for part in drgn.__version__.split("+")[0].split(".")[:3])
+        found = drgn_version()
+        version = tuple(int(part) for part in found.split("+")[0].split(".")[:3])
         add(
             "drgn",
             version >= DRGN_MINIMUM,
-            drgn.__version__,
+            found,
             "everything",
             "python3 -m pip install --upgrade drgn",
         )

@@ -33,8 +33,8 @@ from drgn.commands import (
 )
 
 if TYPE_CHECKING:
-    from .cli import View
     from .state import Snapshot
+    from .views import View
 
 #: the subcommands of ``%kmeminspect``, found only through it (they stay out of drgn's own namespace)
 SUBCOMMANDS = CommandNamespace(func_name_prefix="_subcommand_")
@@ -72,7 +72,7 @@ def _read(prog: Program, pfn_range: tuple[int, int] | None = None) -> Snapshot:
 
 @command(description="one row per present section, like crash's kmem -n", arguments=(JSON,), namespace=SUBCOMMANDS)
 def _subcommand_sections(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    from .cli import sections_view
+    from .views import sections_view
 
     _show(name, args.json, lambda: sections_view(_read(prog)))
 
@@ -83,7 +83,7 @@ def _subcommand_sections(prog: Program, name: str, args: argparse.Namespace, **k
     namespace=SUBCOMMANDS,
 )
 def _subcommand_blocks(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    from .cli import blocks_view
+    from .views import blocks_view
 
     _show(name, args.json, lambda: blocks_view(_read(prog)))
 
@@ -94,7 +94,7 @@ def _subcommand_blocks(prog: Program, name: str, args: argparse.Namespace, **kwa
     namespace=SUBCOMMANDS,
 )
 def _subcommand_pfn(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    from .cli import parse_pfns, pfn_view
+    from .views import parse_pfns, pfn_view
 
     def explain() -> View:
         start, end, is_range = parse_pfns(args.pfns)
@@ -110,7 +110,7 @@ def _subcommand_pfn(prog: Program, name: str, args: argparse.Namespace, **kwargs
 )
 def _subcommand_audit(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     from . import audit
-    from .cli import audit_view
+    from .views import audit_view
 
     def findings() -> View:
         snap = _read(prog)
@@ -129,8 +129,8 @@ def _subcommand_audit(prog: Program, name: str, args: argparse.Namespace, **kwar
     namespace=SUBCOMMANDS,
 )
 def _subcommand_map(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    from .cli import map_view
     from .memorymap import colour_by_default
+    from .views import map_view
 
     colour = args.color or colour_by_default()
     _show(name, args.json, lambda: map_view(_read(prog), args.html, colour))

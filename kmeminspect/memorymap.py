@@ -125,6 +125,8 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryMap:
+    """The map of a snapshot: one row per run of identical sections, one cell class per subsection state."""
+
     release: str
     pages_per_section: int
     pages_per_subsection: int

@@ -49,6 +49,7 @@ KIND = "kmeminspect-snapshot"
 
 
 def to_json(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot as the JSON object ``kmeminspect snapshot`` writes (format ``FORMAT``)."""
     return {
         "format": FORMAT,
         "kind": KIND,
@@ -67,6 +68,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
+    """A snapshot from its JSON object; ``origin`` names it in errors (a wrong kind or format is a UsageError)."""
     if data.get("kind") != KIND:
         raise UsageError(f"{origin}: not a kmeminspect snapshot")
     if data.get("format") not in READABLE_FORMATS:
@@ -108,6 +110,7 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
 
 
 def save(snapshot: Snapshot, path: Path) -> None:
+    """Write a snapshot to ``path`` (gzip'd JSON), through a temporary file so a reader never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
     with gzip.open(tmp, "wt") as f:
         json.dump(to_json(snapshot), f, separators=(",", ":"))
@@ -115,6 +118,7 @@ def save(snapshot: Snapshot, path: Path) -> None:
 
 
 def load(path: Path) -> Snapshot:
+    """Read a snapshot saved by :func:`save` (no drgn needed)."""
     try:
         with gzip.open(path, "rt") as f:
             data = json.load(f)

@@ -116,6 +116,8 @@ class Resource:
 
 @dataclasses.dataclass(frozen=True)
 class Zone:
+    """One ``struct zone`` of a node: its span (``zone_start_pfn``, ``spanned_pages``) and ``present_pages``."""
+
     nid: int
     zone_id: int
     name: str
@@ -126,6 +128,8 @@ class Zone:
 
 @dataclasses.dataclass(frozen=True)
 class Node:
+    """One online node (``pg_data_t``): its pfn span and, while deferred init runs, ``first_deferred_pfn``."""
+
     nid: int
     start_pfn: int
     spanned: int

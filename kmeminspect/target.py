@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 import drgn
+from drgn import Program as Program  # re-exported: the type of an open kernel, for modules without drgn
 
 from .errors import TargetError
 
 EM_X86_64 = 62
+
+
+def drgn_version() -> str:
+    """The drgn this process imports (``doctor`` checks it; importing this module fails without drgn)."""
+    return drgn.__version__
+
+
 X86_64 = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
 KDUMP_SIGNATURE = b"KDUMP   "
 _NO_VMCOREINFO = (
@@ -161,6 +169,7 @@ def open_vmcore(path: Path, vmlinux: Path | None, vmcoreinfo: Path | None = None
 
 
 def open_live(vmlinux: Path | None) -> drgn.Program:
+    """The running kernel through /proc/kcore (root, x86_64), with its debug info (``vmlinux`` or the distro's)."""
     if platform.machine() != "x86_64":
         raise TargetError(f"this machine is {platform.machine()}: kmeminspect reads x86_64 kernels only")
     if os.geteuid() != 0:
@@ -177,6 +186,7 @@ def open_live(vmlinux: Path | None) -> drgn.Program:
 
 
 def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
+    """A live QEMU guest through its QMP socket (a path, or HOST:PORT), with the guest kernel's debug info."""
     if ":" not in address:
         path = Path(address)
         if not path.exists():

@@ -50,6 +50,8 @@ PR_SET_PDEATHSIG = 1
 
 
 class Walker:
+    """One walker child of a stress run: reads (or compacts) the given pfn ranges in passes until SIGTERM."""
+
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         self.ranges = ranges
         self.stop = False
@@ -98,6 +100,7 @@ class Walker:
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """``0-4096,8192-12288`` -> [(0, 4096), (8192, 12288)] (pfn ranges, end exclusive)."""
     ranges = []
     for part in text.split(","):
         start, _, end = part.partition("-")
@@ -114,6 +117,7 @@ def die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """The walker process: ``python -m kmeminspect.walkers KIND PARENT_PID RANGES``; prints its counters as JSON."""
     kind, parent, ranges = argv[0], int(argv[1]), parse_ranges(argv[2])
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -23,7 +23,7 @@ from vmfixtures.rootfs import RootfsGuest
 from vmfixtures.scenarios import DIMM_SIZE, SCENARIOS, add_dimm, memory_blocks, wait_for
 from vmfixtures.vm import Result
 
-from kmeminspect.cli import stress_report_text
+from kmeminspect.stress import report_text as stress_report_text
 
 pytestmark = pytest.mark.vm
 

@@ -16,9 +16,10 @@ import pytest
 from fakesysfs import BOOT_ID, DEFAULT_BLOCKS, Behaviour, FakeKernel, make_tree, states
 from test_cli_errors import assert_one_line_error, kmem
 
-from kmeminspect import stress, stress_qemu
+from kmeminspect import stress
 from kmeminspect.audit import ERROR, WARNING, Finding
 from kmeminspect.errors import KmemError, UsageError
+from kmeminspect.stress import qemu as stress_qemu
 
 FAKESYSFS = Path(__file__).resolve().parent / "fakesysfs.py"
 DIMM_MOVABLE = [33, 34, 35]
@@ -155,7 +156,7 @@ def test_block_not_put_back_is_reported(tmp_path: Path, monkeypatch: pytest.Monk
     make_tree(tmp_path)
     journal = tmp_path / "j"
     kernel = FakeKernel(tmp_path, {34: Behaviour(refuse_offline_after_online="EBUSY")})
-    monkeypatch.setattr(stress, "RESTORE_PAUSE", 0.01)
+    monkeypatch.setattr(stress.restore, "RESTORE_PAUSE", 0.01)
     report = runner(kernel, journal, transitions=1, blocks=[34]).run()
     assert report.exit_code() == 2 and not report.restored
     (failed,) = report.restorations

@@ -24,7 +24,7 @@ from conftest import GENERATIONS, get_kernel
 from vmfixtures.scenarios import memory_blocks
 from vmfixtures.vm import Guest, Memory
 
-from kmeminspect.cli import stress_report_text
+from kmeminspect.stress import report_text as stress_report_text
 
 pytestmark = pytest.mark.vm
 

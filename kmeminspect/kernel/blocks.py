@@ -40,6 +40,10 @@ def _online_types(prog: Program) -> dict[int, str]:
 
 
 def read_blocks(prog: Program, layout: Layout) -> list[Block]:
+    """Every ``struct memory_block`` of the ``memory_blocks`` xarray (the sysfs ``memoryN`` devices): its
+    pfn range, state, online type, node, zone, and the pages of its memmap it hosts itself (memmap_on_memory).
+
+    The self-hosted memmap is ``nr_vmemmap_pages`` before v6.6 and ``altmap->free`` since (1a8c64e11043)."""
     try:
         registry = prog["memory_blocks"]
     except KeyError:

@@ -74,6 +74,9 @@ def _vmcoreinfo_number(prog: Program, name: str) -> int | None:
 
 
 def page_format(prog: Program, zone_count: int) -> PageFormat:
+    """How this kernel lays out a ``struct page``: its size, where ``flags`` keeps the zone and node, and the
+    offsets of the fields the memmap decoder reads (``compound_head``, renamed ``compound_info`` in v7.1
+    (d50569612c29); ``pgmap``, in the folio on 7.x)."""
     page = prog.type("struct page")
     if not page.has_member("flags"):
         raise ReadError("struct page has no flags in the debug info: is this the kernel's vmlinux?")
@@ -160,6 +163,9 @@ def pfn_to_online_page_kind(prog: Program) -> str:
 
 
 def read_layout(prog: Program) -> tuple[Layout, PageFormat]:
+    """The constants every other reader needs: release, ``PAGE_SHIFT``, ``SECTION_SIZE_BITS``, the subsection
+    shift, the zone names (and ZONE_DEVICE's index), the section flag bits, ``enum pageflags``, ``vmemmap``,
+    ``max_pfn``, the ``pfn_to_online_page()`` variant, and how a ``struct page`` is laid out."""
     try:
         release = prog["UTS_RELEASE"].string_().decode()
     except KeyError:

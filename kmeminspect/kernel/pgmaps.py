@@ -27,8 +27,9 @@ def percpu_ref_is_live(prog: Program, ref: drgn.Object) -> bool:
 
 
 def read_pagemaps(prog: Program, layout: Layout) -> list[Pagemap]:
-    """Every ``struct dev_pagemap`` in the kernel's registry (``pgmap_array``, which
-    ``get_dev_pagemap()`` searches by pfn), with its ranges, altmap and whether its ref is still live."""
+    """Every ``struct dev_pagemap`` in the ``pgmap_array`` xarray (ZONE_DEVICE memory: pmem, device-DAX, ...),
+    which ``get_dev_pagemap()`` searches by pfn: its type, its pfn ranges, its embedded ``struct vmem_altmap``
+    when the driver supplied one, and whether its ref is still live."""
     try:
         registry = prog["pgmap_array"]
     except KeyError:

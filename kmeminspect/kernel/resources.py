@@ -9,6 +9,8 @@ from ..state import Resource
 
 
 def read_resources(prog: Program) -> list[Resource]:
+    """The ``iomem_resource`` tree (``/proc/iomem``) in depth-first order: each resource's [start, end) bytes,
+    name and depth."""
     resources: list[Resource] = []
 
     def walk(res: drgn.Object, depth: int) -> None:

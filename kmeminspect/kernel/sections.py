@@ -22,6 +22,11 @@ def decode_flags(word: int, flags: dict[str, int]) -> tuple[str, ...]:
 
 
 def read_sections(prog: Program, layout: Layout) -> list[Section]:
+    """Every present ``struct mem_section`` up to ``__highest_present_section_nr``: its ``section_mem_map``
+    flags (present, has memmap, online, early, ZONE_DEVICE taint) and the memmap pointer they encode, and the
+    ``subsection_map`` of its ``struct mem_section_usage``, the 2 MiB parts of the section that hold memory.
+
+    Subsections since v5.3 (f46edbd1b151); SECTION_TAINT_ZONE_DEVICE since v5.12 (1f90a3477df3)."""
     try:
         mem_section = prog["mem_section"]
     except KeyError:

@@ -22,7 +22,9 @@ def deferred_init_running(prog: Program) -> bool:
 
 
 def read_nodes_and_zones(prog: Program) -> tuple[list[Node], list[Zone]]:
-    """The online nodes (``pglist_data``: span, deferred init state) and every zone of each."""
+    """Every online node (``pg_data_t``: its pfn span, ``first_deferred_pfn`` when deferred struct page init
+    is configured, whether it may still run) and every zone of each (``zone_start_pfn``, ``spanned_pages``,
+    ``present_pages``)."""
     nodes, zones = [], []
     running = deferred_init_running(prog)
     for pgdat in for_each_online_pgdat(prog):

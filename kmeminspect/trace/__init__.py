@@ -14,12 +14,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 from ..errors import UsageError
+from ..signals import Signals
 from ..state import Snapshot
-from ..stress import Hooks
+from ..stress.runner import Hooks
 from .plan import TraceOptions
 from .session import Session, TraceError
 
@@ -42,12 +42,7 @@ def run(
     """Trace until ``duration`` seconds pass, ``command`` (started once the probes are attached) exits,
     or SIGINT/SIGTERM arrives; return the summary. Nothing stays attached after it returns or raises."""
     session = Session(prog, snapshot, options)
-    stop: list[str] = []
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.append(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop: list[str] = []  # why it stops, besides a signal
     child: subprocess.Popen[bytes] | None = None
 
     def emit(event: dict[str, Any]) -> None:
@@ -55,48 +50,49 @@ def run(
             output.write(json.dumps(event) + "\n")
         on_event(event)
 
-    try:
-        session.start(emit)
-        if inject_inactive:
-            session.inject_inactive(*inject_inactive)
-        if output:
-            header = {
-                "type": "trace",
-                "format": FORMAT,
-                "release": snapshot.layout.release,
-                "options": vars(options),
-                "probes": session.attached,
-                "unavailable": session.plan.unavailable,
-            }
-            output.write(json.dumps(header) + "\n")
-        started = time.monotonic()
-        if on_ready:
-            on_ready()
-        if command:
-            try:
-                child = subprocess.Popen(command)
-            except OSError as error:
-                raise UsageError(f"cannot run {command[0]}: {error.strerror}") from None
-        while not stop:
-            session.poll(100)
-            if child is not None and child.poll() is not None:
-                stop.append(f"command exited with {child.returncode}")
-            elif duration is not None and time.monotonic() - started >= duration:
-                stop.append("duration")
-        summary = session.summary(time.monotonic() - started)
-        summary["stopped_by"] = stop[0]
-        if child is not None:
-            summary["command_status"] = child.returncode
-        if output:
-            output.write(json.dumps(summary) + "\n")
-        return summary
-    finally:
-        session.close()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        if child is not None and child.poll() is None:
-            child.terminate()
-            child.wait()
+    with Signals(stop=(signal.SIGINT, signal.SIGTERM), alarm=False) as signals:
+        try:
+            session.start(emit)
+            if inject_inactive:
+                session.inject_inactive(*inject_inactive)
+            if output:
+                header = {
+                    "type": "trace",
+                    "format": FORMAT,
+                    "release": snapshot.layout.release,
+                    "options": vars(options),
+                    "probes": session.attached,
+                    "unavailable": session.plan.unavailable,
+                }
+                output.write(json.dumps(header) + "\n")
+            started = time.monotonic()
+            if on_ready:
+                on_ready()
+            if command:
+                try:
+                    child = subprocess.Popen(command)
+                except OSError as error:
+                    raise UsageError(f"cannot run {command[0]}: {error.strerror}") from None
+            while not signals.received and not stop:
+                session.poll(100)
+                if signals.received:
+                    break
+                if child is not None and child.poll() is not None:
+                    stop.append(f"command exited with {child.returncode}")
+                elif duration is not None and time.monotonic() - started >= duration:
+                    stop.append("duration")
+            summary = session.summary(time.monotonic() - started)
+            summary["stopped_by"] = signals.first or stop[0]
+            if child is not None:
+                summary["command_status"] = child.returncode
+            if output:
+                output.write(json.dumps(summary) + "\n")
+            return summary
+        finally:
+            session.close()
+            if child is not None and child.poll() is None:
+                child.terminate()
+                child.wait()
 
 
 def read_trace(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:

@@ -141,6 +141,7 @@ def strip_probe_frames(frames: list[str], target: str) -> list[str]:
 
 
 def format_range(start: int, end: int) -> str:
+    """``0x1000-0x2000``: a pfn range as events print it."""
     return f"{start:#x}-{end:#x}"
 
 
@@ -180,6 +181,8 @@ def format_event(e: dict[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CallerRow:
+    """One caller stack of ``pfn_to_online_page()`` and how often it was seen, in one context and with one result."""
+
     count: int
     context: str
     result: str
@@ -239,4 +242,24 @@ def format_callers(rows: list[CallerRow], top: int, summary: dict[str, Any]) -> 
         lines.extend(f"{'':22}{frame}" for frame in row.stack)
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more keys (--top)")
+    return "\n".join(lines)
+
+
+def summary_text(summary: dict[str, Any], top: int) -> str:
+    """The end-of-trace summary (``trace``'s JSON object, live or from ``--report``) for a terminal."""
+    lines = []
+    if "callers" in summary:
+        rows = [CallerRow.from_json(r) for r in summary["callers"]]
+        lines.append(format_callers(rows, top, summary))
+    counts = ", ".join(f"{k} {v}" for k, v in summary.get("events", {}).items()) or "none"
+    lines.append(f"events: {counts}")
+    lines.append(
+        f"inactive hand-outs: {summary.get('handouts_inactive', 0)}, races: {summary.get('races', 0)} "
+        f"(and {summary.get('race_windows', 0)} windows), "
+        f"events lost: {summary.get('events_lost', 0)}, stack captures failed: {summary.get('stack_failures', 0)}"
+    )
+    for function, why in sorted(summary.get("unavailable", {}).items()):
+        lines.append(f"not traced: {function}(): {why}")
+    if "stopped_by" in summary:
+        lines.append(f"stopped by {summary['stopped_by']} after {summary['duration_s']} s")
     return "\n".join(lines)

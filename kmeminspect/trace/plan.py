@@ -46,6 +46,8 @@ class TraceOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
+    """One probe to attach: the kernel function, the BPF program it runs, and how (kprobe, kretprobe, fexit)."""
+
     function: str  # kernel function
     program: str  # BPF function in bpf/*.c ("" for fexit: bcc attaches KRETFUNC_PROBE by its name)
     kind: str  # "kprobe", "kretprobe" or "fexit"
@@ -113,6 +115,9 @@ class PlanError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """What a trace attaches and the ``-D`` flags bpf/*.c is compiled with; ``unavailable`` says what is not
+    probed and why."""
+
     probes: list[Probe]
     cflags: list[str]
     unavailable: dict[str, str]  # kernel function -> why it is not probed

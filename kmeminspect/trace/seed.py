@@ -51,6 +51,7 @@ class TrackedState:
 
 
 def merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-empty [start, end) ranges with overlapping and touching ones merged."""
     out: list[tuple[int, int]] = []
     for start, end in sorted(r for r in ranges if r[1] > r[0]):
         if out and start <= out[-1][1]:

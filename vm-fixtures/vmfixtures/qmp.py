@@ -1,15 +1,17 @@
-"""A small QMP (QEMU Machine Protocol) client: commands in, results out, events kept."""
+"""The test bed's QMP connection: kmeminspect's client (``kmeminspect.qmp``, over the QEMU project's
+``qemu.qmp``) with the test bed's conventions, and the Unix-socket helper the gdbstub shares. Not a QMP
+client of its own: the protocol is spoken in one place."""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from typing import Any
 
+from kmeminspect.qmp import QMP as Client
+from kmeminspect.qmp import QMPError
 
-class QMPError(RuntimeError):
-    """QEMU answered a command with an error."""
+__all__ = ["QMP", "QMPError", "connect_unix"]
 
 
 def connect_unix(path: str, timeout: float) -> socket.socket:
@@ -28,57 +30,22 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
 
 
 class QMP:
+    """The machine's QMP socket, connected as soon as QEMU creates it; commands have no answer limit (a
+    large ``dump-guest-memory`` takes minutes) and an event waited for by name must come."""
+
     def __init__(self, path: str, timeout: float = 30.0) -> None:
-        self.path = path
-        self.events: list[dict[str, Any]] = []
-        self.sock = connect_unix(path, timeout)
-        self.sock.settimeout(timeout)
-        self.file = self.sock.makefile("rwb")
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QMPError(f"{path}: not a QMP socket")
-        self.execute("qmp_capabilities")
+        self.client = Client(connect_unix(path, timeout), timeout, command_timeout=None)
 
-    def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise QMPError("QEMU closed the QMP connection")
-        data: dict[str, Any] = json.loads(line)
-        return data
-
-    def execute(self, command: str, timeout: float | None = None, **arguments: Any) -> Any:
-        """Run a command and return its result; events seen meanwhile are appended to ``events``."""
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.sock.settimeout(timeout)
-        self.file.write(json.dumps(message).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                raise QMPError(f"{command}: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run a command and return its result (``QMPError`` when QEMU refuses it)."""
+        return self.client.execute(command, **arguments)
 
     def wait_event(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait for an event (or take it from those already seen)."""
-        for i, event in enumerate(self.events):
-            if event["event"] == name:
-                return self.events.pop(i)
-        self.sock.settimeout(timeout)
-        while True:
-            reply = self._read()
-            if reply.get("event") == name:
-                return reply
-            if "event" in reply:
-                self.events.append(reply)
+        """Wait for the event ``name`` (or take it from those already seen); ``TimeoutError`` if none comes."""
+        event = self.client.wait_event(lambda e: e.get("event") == name, timeout)
+        if event is None:
+            raise TimeoutError(f"no {name} event within {timeout:g} s")
+        return event
 
     def close(self) -> None:
-        try:
-            self.file.close()
-            self.sock.close()
-        except OSError:
-            pass
+        self.client.close()

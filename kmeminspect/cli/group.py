@@ -1,0 +1,124 @@
+"""The ``kmeminspect`` click group: the global options (the target, ``--json``, colour) and what every
+command shares: the :class:`Context` that opens the target, printing, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .. import snapshot as snapshot_mod
+from ..errors import KmemError, UsageError
+from ..state import Snapshot
+
+
+class Context:
+    """The target the global options chose, opened on demand, and how to print (``--json``, colour)."""
+
+    def __init__(
+        self, kind: str, location: str | None, vmlinux: str | None, vmcoreinfo: str | None, as_json: bool
+    ) -> None:
+        self.kind = kind
+        self.location = location
+        self.vmlinux = vmlinux
+        self.vmcoreinfo = vmcoreinfo
+        self.as_json = as_json
+        self.prog: Any = None  # the drgn Program once opened (None for --snapshot)
+        self.colour = False
+
+    def snapshot(self, pfn_range: tuple[int, int] | None = None, device_memmap_only: bool = False) -> Snapshot:
+        """Read the target (or load the ``--snapshot`` file); the Program stays in ``self.prog``."""
+        if self.kind == "snapshot":
+            assert self.location is not None
+            return snapshot_mod.load(Path(self.location))
+        from ..kernel import read_snapshot, terminal_progress
+        from ..target import open_target
+
+        self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
+        return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
+
+    def emit(self, data: dict[str, Any], table: Callable[[], str]) -> None:
+        """Print a view: its JSON object with ``--json``, else its table."""
+        if self.as_json:
+            click.echo(json.dumps(data, indent=1))
+        else:
+            click.echo(table(), color=self.colour)  # click strips colour off a terminal unless told
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit 2."""
+    click.echo(f"kmeminspect: {message}", err=True)
+    sys.exit(2)
+
+
+def run(function: Callable[[], int | None]) -> None:
+    """Run a command's body: its return value is the exit status; kmeminspect's errors are one line, exit 2."""
+    try:
+        code = function()
+    except KmemError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted")
+    sys.exit(code or 0)
+
+
+def number(option: str, text: str | None, kind: type[int] | type[float], minimum: float) -> Any:
+    """A numeric option parsed here, so a bad value ends in one line (not click's usage block)."""
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UsageError(f"{option} {text}: not a{'n integer' if kind is int else ' number'}") from None
+    if value < minimum:
+        raise UsageError(f"{option} {text}: must be at least {minimum:g}")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--live", "kind", flag_value="live", default=True, help="The running kernel (/proc/kcore; root).")
+@click.option("--vmcore", "vmcore", metavar="PATH", help="A vmcore: ELF or kdump-compressed (also flattened).")
+@click.option("--qemu", "qemu", metavar="QMP_SOCKET", help="A live QEMU guest through its QMP socket.")
+@click.option("--snapshot", "snapshot_file", metavar="FILE", help="A snapshot saved by 'kmeminspect snapshot'.")
+@click.option("--vmlinux", metavar="PATH", help="The kernel's vmlinux with DWARF (default: distro paths).")
+@click.option(
+    "--vmcoreinfo", metavar="FILE", help="VMCOREINFO data for a vmcore without it (dumped during early boot)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--color/--no-color",
+    "colour",
+    default=None,
+    help="Colour the map (default: when stdout is a terminal and NO_COLOR is not set).",
+)
+@click.version_option(package_name="kmeminspect")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    kind: str,
+    vmcore: str | None,
+    qemu: str | None,
+    snapshot_file: str | None,
+    vmlinux: str | None,
+    vmcoreinfo: str | None,
+    as_json: bool,
+    colour: bool | None,
+) -> None:
+    """The truth about a Linux kernel's physical-memory bookkeeping during memory hotplug."""
+    # drgn's own warnings (e.g. its hint on flattened kdump files) would break "one line on stderr"
+    logging.getLogger("drgn").setLevel(logging.ERROR)
+    chosen = [(k, v) for k, v in (("vmcore", vmcore), ("qemu", qemu), ("snapshot", snapshot_file)) if v]
+    if len(chosen) > 1:
+        fail("choose one target: --live, --vmcore, --qemu or --snapshot")
+    kind, location = chosen[0] if chosen else ("live", None)
+    ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json)
+    if colour is None:
+        from ..memorymap import colour_by_default
+
+        colour = colour_by_default()
+    ctx.obj.colour = colour
