@@ -4,11 +4,12 @@ Format (``format`` = 2)::
 
     {"format": 2, "kind": "kmeminspect-snapshot", "source": {...}, "layout": {...},
      "sections": [...], "blocks": [...], "pagemaps": [...], "zones": [...], "nodes": [...],
-     "resources": [...], "claims": [...], "online_page_callback": "...",
+     "resources": [...], "claims": [...], "online_page_callback": "...", "pgmap_pointers": [...],
      "runs": {"<field>": [values...], ...}}
 
-Format 2 added ``pagemaps[].live``, ``nodes[].deferred_init_running``, ``claims`` and
-``online_page_callback``; format 1 files still load (those read as: live, not running, none, unknown).
+Format 2 added ``pagemaps[].live``, ``nodes[].deferred_init_running``, ``claims``,
+``online_page_callback`` and ``pgmap_pointers``; format 1 files still load (those read as: live, not
+running, none, unknown, none).
 
 ``runs`` is stored by column (see state.RUN_FIELDS), so a terabyte machine's thousands of runs take
 kilobytes. Never pickle.
@@ -63,6 +64,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "resources": [dataclasses.asdict(r) for r in snapshot.resources],
         "claims": [dataclasses.asdict(c) for c in snapshot.claims],
         "online_page_callback": snapshot.online_page_callback,
+        "pgmap_pointers": [{"address": a, "points_to": w} for a, w in sorted(snapshot.pgmap_pointers.items())],
         "runs": {name: snapshot.runs[name].tolist() for name, _ in RUN_FIELDS},
     }
 
@@ -106,6 +108,7 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
         runs=runs,
         claims=[Claim(**c) for c in data.get("claims", [])],
         online_page_callback=data.get("online_page_callback"),
+        pgmap_pointers={int(p["address"]): str(p["points_to"]) for p in data.get("pgmap_pointers", [])},
     )
 
 

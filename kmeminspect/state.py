@@ -199,6 +199,9 @@ class Snapshot:
     #: the function behind ``online_page_callback`` (``generic_online_page`` unless a driver such as
     #: virtio-mem, hv_balloon or xen's balloon withholds pages of memory it onlines); None if unknown
     online_page_callback: str | None = None
+    #: what each page->pgmap value that no registered pgmap explains for its pfn points to (reader's
+    #: words: "a freed kmalloc-1k slab object ...", "a registered pgmap of another range", ...)
+    pgmap_pointers: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def section(self, nr: int) -> Section | None:
         for s in self.sections:

@@ -209,18 +209,29 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
         & (seg["altmap_part"] == model.ALTMAP_NONE)
         & (seg["pgmap"] != seg["registry_pgmap"])
     )
-    registry = {p.address for p in snapshot.pagemaps}
+    registry = {p.address: p for p in snapshot.pagemaps}
     for start, end, (pgmap, registered) in grouped(seg, data, lambda r: (int(r["pgmap"]), int(r["registry_pgmap"]))):
-        points_to = "another registered pgmap" if pgmap in registry else "no registered pgmap"
+        points_to = snapshot.pgmap_pointers.get(pgmap) or (
+            "a registered pgmap of another range" if pgmap in registry else "no registered pgmap"
+        )
+        order = registry[registered].vmemmap_shift if registered in registry else 0
+        compound = (
+            f"; the range has compound pages of order {order}, so these pages read their own pgmap: they carry "
+            "no tail marker, a memmap memmap_init_zone_device() did not initialize"
+            if order
+            else ""
+        )
         findings.append(
             find(
                 "device-pgmap-mismatch",
                 start,
                 end,
-                f"ZONE_DEVICE pages point to pgmap {pgmap:#x} ({points_to}), the registry has {registered:#x}",
+                f"ZONE_DEVICE pages point to pgmap {pgmap:#x} ({points_to}), the registry has {registered:#x}"
+                + compound,
                 page_pgmap=hex(pgmap),
                 registry_pgmap=hex(registered),
-                page_pgmap_registered=pgmap in registry,
+                page_pgmap_points_to=points_to,
+                compound_order=order,
             )
         )
 

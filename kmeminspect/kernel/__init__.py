@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 from drgn import Program, ProgramFlags
 
 from ..errors import ReadError
@@ -14,7 +15,7 @@ from .blocks import read_blocks
 from .claims import read_claims, read_online_page_callback
 from .layout import read_layout
 from .memmap import MemmapReader
-from .pgmaps import read_pagemaps
+from .pgmaps import describe_pgmap_pointers, read_pagemaps
 from .resources import read_resources
 from .sections import read_sections
 from .zones import read_nodes_and_zones
@@ -97,7 +98,27 @@ def read_snapshot(
     )
     if not wanted:
         check_flags_layout(snapshot)
+    snapshot.pgmap_pointers = describe_pgmap_pointers(
+        prog, _unexplained_pgmaps(snapshot), {p.address for p in pagemaps}
+    )
     return snapshot
+
+
+#: distinct unexplained page->pgmap values described at most (each costs a slab lookup)
+MAX_PGMAP_POINTERS = 64
+
+
+def _unexplained_pgmaps(snapshot: Snapshot) -> list[int]:
+    """Distinct page->pgmap values of read pages inside a registered device range that are not that
+    range's pgmap (what ``device-pgmap-mismatch`` reports), at most MAX_PGMAP_POINTERS of them."""
+    runs = snapshot.runs
+    read = runs[(runs["memmap"] == MEMMAP_READ) & (runs["pgmap"] != 0)]
+    unexplained: set[int] = set()
+    for p in snapshot.pagemaps:
+        for a, b in p.ranges:
+            inside = read[(read["pfn_end"] > a) & (read["pfn_start"] < b) & (read["pgmap"] != p.address)]
+            unexplained.update(int(v) for v in np.unique(inside["pgmap"]).tolist())
+    return sorted(unexplained)[:MAX_PGMAP_POINTERS]
 
 
 def terminal_progress(label: str) -> Progress | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import drgn
 from drgn import Program
+from drgn.helpers.linux.slab import slab_object_info
 from drgn.helpers.linux.xarray import xa_for_each
 
 from ..state import Altmap, Layout, Pagemap
@@ -68,3 +69,32 @@ def read_pagemaps(prog: Program, layout: Layout) -> list[Pagemap]:
             live=percpu_ref_is_live(prog, pgmap.ref),
         )
     return sorted(seen.values(), key=lambda p: p.ranges[0] if p.ranges else (0, 0))
+
+
+def describe_pgmap_pointers(prog: Program, addresses: list[int], registered: set[int]) -> dict[int, str]:
+    """What each ``page->pgmap`` value that is not the registry's pgmap for its pfn points to: another
+    registered pgmap, a live or freed slab object (drgn's slab helpers; a pgmap is embedded in its
+    driver's kmalloc'd device structure), memory that is no slab object, or nothing readable."""
+    described = {}
+    for address in addresses:
+        if address in registered:
+            described[address] = "a registered pgmap of another range"
+            continue
+        try:
+            info = slab_object_info(prog, address)
+        except (drgn.FaultError, ValueError, LookupError):
+            info = None
+        if info is not None and info.slab_cache:
+            cache = info.slab_cache.name.string_().decode(errors="replace")
+            state = "a live" if info.allocated else "a freed"
+            described[address] = (
+                f"{state} {cache} slab object (offset {address - info.address:#x}), not a registered pgmap"
+            )
+            continue
+        try:
+            prog.read(address, 8)
+        except drgn.FaultError:
+            described[address] = "an address nothing maps (garbage)"
+            continue
+        described[address] = "readable memory that is no slab object (garbage)"
+    return described
