@@ -4,6 +4,7 @@ fixture vmcores with one injected inconsistency each give the right rule over th
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,40 @@ class Injector:
         with open(self.path, "r+b") as f:
             f.seek(self.offset(address))
             f.write((value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def drop_from_dump(self, address: int, size: int) -> None:
+        """Make the dump lack the physical pages behind [address, address + size) of kernel virtual memory,
+        as a filtered or truncated dump would: the PT_LOAD holding them is split around them in a new
+        program header table appended to the file (the page tables still map them)."""
+        phys = follow_phys(self.init_mm, address).value_()
+        with open(self.path, "r+b") as f:
+            f.seek(0)
+            head = bytearray(f.read(64))
+            phoff = struct.unpack_from("<Q", head, 32)[0]
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            entries = []
+            for i in range(phnum):
+                entry = bytearray(table[i * phentsize : (i + 1) * phentsize])
+                p_type, _, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<IIQQQQQ", entry)
+                if p_type == 1 and p_paddr <= phys < p_paddr + p_filesz:
+                    cut, end = phys - p_paddr, min(phys - p_paddr + size, p_filesz)
+                    before, after = bytearray(entry), bytearray(entry)
+                    struct.pack_into("<QQ", before, 32, cut, cut)  # p_filesz, p_memsz
+                    struct.pack_into("<QQQQQ", after, 8, p_offset + end, p_vaddr + end, p_paddr + end,
+                                     p_filesz - end, p_memsz - end)  # fmt: skip
+                    entries += [before, after]
+                else:
+                    entries.append(entry)
+            f.seek(0, 2)
+            new_phoff = (f.tell() + 7) & ~7
+            f.seek(new_phoff)
+            f.write(b"".join(entries))
+            struct.pack_into("<Q", head, 32, new_phoff)
+            struct.pack_into("<H", head, 56, len(entries))
+            f.seek(0)
+            f.write(head)
 
     def clear_pmd_entry(self, address: int) -> None:
         """Unmap the 2 MiB of kernel virtual memory around ``address`` by zeroing its PMD entry (x86_64
@@ -399,3 +434,26 @@ def test_block_of_another_node(corrupt: Callable[..., tuple[Snapshot, list[audit
 
     clean, findings = corrupt("dimm-online", change)
     assert new_by_rule(clean, findings, "page-node-block-mismatch") == [(target["start"], target["end"])]
+
+
+def test_pages_missing_from_the_dump_are_not_kernel_errors(
+    corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]],
+) -> None:
+    """A dump that lacks the pages holding some struct pages (as a filtered or truncated dump does): those
+    pfns are reported in the dump category, with what could not be checked, and no kernel finding more."""
+    target: dict[str, int] = {}
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        pfn = dimm_block(snap, 2) + 4096  # an online, movable part of the DIMM
+        per_page = (1 << snap.layout.page_shift) // snap.layout.struct_page_size
+        inj.drop_from_dump(page_address(snap, pfn), 1 << snap.layout.page_shift)
+        target["start"], target["end"] = pfn, pfn + per_page
+
+    clean, findings = corrupt("dimm-online", change)
+    missing = [f for f in findings if f.rule == "dump-pages-missing"]
+    assert [(f.pfn_start, f.pfn_end, f.category) for f in missing] == [(target["start"], target["end"], audit.DUMP)]
+    assert "not checked" in missing[0].message
+    before = {(f.rule, f.pfn_start, f.pfn_end) for f in audit.audit(clean)}
+    new = [f for f in findings if (f.rule, f.pfn_start, f.pfn_end) not in before and f.rule != "dump-pages-missing"]
+    assert not [f for f in new if f.severity != audit.INFO], new
+    assert audit.exit_code(findings) == 0
