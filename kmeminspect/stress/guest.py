@@ -5,6 +5,7 @@ its journal after a kill (``--qemu SOCKET stress --restore JOURNAL``)."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -103,12 +104,12 @@ class GuestRestoration:
     reason: str | None = None
     advice: str | None = None
 
-    @property
-    def key(self) -> str:
-        return self.what
+    #: how the journal's ``closed`` record names it: by what it is (``dimm kmi-stress-7-dimm3``)
+    key = property(operator.attrgetter("what"))
 
     def to_json(self) -> dict[str, Any]:
-        return {"what": self.what, "result": self.result, "reason": self.reason, "advice": self.advice}
+        """``what``, ``result``, ``reason``, ``advice``: a line of the report's ``restoration``."""
+        return dataclasses.asdict(self)
 
 
 def _ost(device: str, source: int) -> Callable[[dict[str, Any]], bool]:

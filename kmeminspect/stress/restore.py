@@ -6,6 +6,7 @@ the user can do, never silently left."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +35,8 @@ class Restoration:
     errno: str | None = None
     advice: str | None = None
 
-    @property
-    def key(self) -> int:
-        return self.block
+    #: how the journal's ``closed`` record names it: by its number
+    key = property(operator.attrgetter("block"))
 
     def to_json(self) -> dict[str, Any]:
         return {
