@@ -498,3 +498,25 @@ def test_kexec_image_pages_in_hotplugged_memory_are_explained(
         return sum(max(0, min(end, c.end_pfn) - max(start, c.start_pfn)) for c in snap.claims)
 
     assert withheld and all(claimed(f.pfn_start, f.pfn_end) == f.pfn_end - f.pfn_start for f in withheld)
+
+
+def test_device_page_with_a_garbage_pgmap(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    """One 2 MiB compound device page whose head points to no pgmap: found over exactly its 512 pfns, saying
+    what the pointer is and that the range has compound pages (its tails read the pgmap through it)."""
+    target: dict[str, int] = {}
+    garbage = 0xFFFFFFFFDEAD0000
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        (pgmap,) = snap.pagemaps
+        compound = 1 << pgmap.vmemmap_shift
+        head = -(-pgmap.ranges[0][0] // compound) * compound + 4 * compound
+        # page->pgmap in 6.1 and 6.12; the folio's (the head page's) since v7.1
+        holder = "struct page" if prog.type("struct page").has_member("pgmap") else "struct folio"
+        inj.write_u64(page_address(snap, head) + offsetof(prog.type(holder), "pgmap"), garbage)
+        target["start"], target["end"], target["shift"] = head, head + compound, pgmap.vmemmap_shift
+
+    clean, findings = corrupt("pmem-devdax", change)
+    hits = [f for f in findings if f.rule == "device-pgmap-mismatch"]
+    assert [(f.pfn_start, f.pfn_end) for f in hits] == [(target["start"], target["end"])]
+    assert hits[0].evidence["page_pgmap"] == hex(garbage) and "garbage" in hits[0].evidence["page_pgmap_points_to"]
+    assert hits[0].evidence["compound_order"] == target["shift"] > 0
