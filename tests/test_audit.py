@@ -3,6 +3,7 @@ fixture vmcores with one injected inconsistency each give the right rule over th
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import subprocess
@@ -16,7 +17,7 @@ from conftest import GENERATIONS, IN_GUEST_SCENARIOS, get_kernel
 from drgn import offsetof
 from drgn.helpers.linux.mm import follow_phys
 from drgn.helpers.linux.xarray import xa_load
-from vmfixtures import truth
+from vmfixtures import scenarios, truth
 
 from kmeminspect import audit, model
 from kmeminspect.kernel import read_snapshot
@@ -457,3 +458,65 @@ def test_pages_missing_from_the_dump_are_not_kernel_errors(
     new = [f for f in findings if (f.rule, f.pfn_start, f.pfn_end) not in before and f.rule != "dump-pages-missing"]
     assert not [f for f in new if f.severity != audit.INFO], new
     assert audit.exit_code(findings) == 0
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_balloon_pages_in_hotplugged_memory_are_explained(
+    generation: str, captured: Callable[[str, str], truth.Capture]
+) -> None:
+    """virtio-balloon inflated over a DIMM onlined to ZONE_NORMAL: its pages are PageOffline (the kernel's
+    own kpageflags says so) inside the hotplugged blocks, and that is no withheld-page error."""
+    capture = captured(generation, "balloon-over-dimm")
+    _, snap = read(capture.kdump, get_kernel(generation).vmlinux)
+    dimm_start = min(b.start_pfn for b in snap.blocks if b.start_pfn << snap.layout.page_shift >= 1 << 32)
+    inflated = sum(b - a for a, b in capture.truth["offline_page_ranges"] if a >= dimm_start)
+    assert inflated >= scenarios.BALLOON_INFLATE >> snap.layout.page_shift
+    runs = snap.runs[(snap.runs["offline"] == 1) & (snap.runs["pfn_start"] >= dimm_start)]
+    assert int((runs["pfn_end"] - runs["pfn_start"]).sum()) == inflated
+    findings = audit.audit(snap)
+    assert not [f for f in findings if f.severity == audit.ERROR], findings
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_kexec_image_pages_in_hotplugged_memory_are_explained(
+    generation: str, captured: Callable[[str, str], truth.Capture]
+) -> None:
+    """A kexec kernel loaded after onlining a DIMM to ZONE_NORMAL: kimage_alloc_pages() took its pages
+    there and marked them PG_reserved. kmeminspect reads them from the loaded image, and they are no
+    withheld-page error; without that explanation the same pages would be one."""
+    capture = captured(generation, "kexec-loaded")
+    _, snap = read(capture.kdump, get_kernel(generation).vmlinux)
+    dimm_start = min(b.start_pfn for b in snap.blocks if b.start_pfn << snap.layout.page_shift >= 1 << 32)
+    in_dimm = [c for c in snap.claims if c.start_pfn >= dimm_start]
+    assert in_dimm and all(c.owner.startswith("kexec_image") for c in in_dimm)
+    findings = audit.audit(snap)
+    assert not [f for f in findings if f.severity == audit.ERROR], findings
+    unexplained = dataclasses.replace(snap, claims=[])
+    withheld = [f for f in audit.audit(unexplained) if f.rule == "hotplugged-page-withheld"]
+
+    def claimed(start: int, end: int) -> int:
+        return sum(max(0, min(end, c.end_pfn) - max(start, c.start_pfn)) for c in snap.claims)
+
+    assert withheld and all(claimed(f.pfn_start, f.pfn_end) == f.pfn_end - f.pfn_start for f in withheld)
+
+
+def test_device_page_with_a_garbage_pgmap(corrupt: Callable[..., tuple[Snapshot, list[audit.Finding]]]) -> None:
+    """One 2 MiB compound device page whose head points to no pgmap: found over exactly its 512 pfns, saying
+    what the pointer is and that the range has compound pages (its tails read the pgmap through it)."""
+    target: dict[str, int] = {}
+    garbage = 0xFFFFFFFFDEAD0000
+
+    def change(inj: Injector, snap: Snapshot, prog: drgn.Program) -> None:
+        (pgmap,) = snap.pagemaps
+        compound = 1 << pgmap.vmemmap_shift
+        head = -(-pgmap.ranges[0][0] // compound) * compound + 4 * compound
+        # page->pgmap in 6.1 and 6.12; the folio's (the head page's) since v7.1
+        holder = "struct page" if prog.type("struct page").has_member("pgmap") else "struct folio"
+        inj.write_u64(page_address(snap, head) + offsetof(prog.type(holder), "pgmap"), garbage)
+        target["start"], target["end"], target["shift"] = head, head + compound, pgmap.vmemmap_shift
+
+    clean, findings = corrupt("pmem-devdax", change)
+    hits = [f for f in findings if f.rule == "device-pgmap-mismatch"]
+    assert [(f.pfn_start, f.pfn_end) for f in hits] == [(target["start"], target["end"])]
+    assert hits[0].evidence["page_pgmap"] == hex(garbage) and "garbage" in hits[0].evidence["page_pgmap_points_to"]
+    assert hits[0].evidence["compound_order"] == target["shift"] > 0

@@ -1,7 +1,9 @@
 """States that last a moment: the guest stopped by a breakpoint (QEMU's gdbstub) inside the kernel
 function that passes through them, dumped there, and read by kmeminspect like any dump. The truth is the
 kernel's bookkeeping read through the gdbstub at the stop (truth.json): where the stopped kernel sat,
-its deferred_pages key, every pgmap's ref word and every memory block's state."""
+its deferred_pages key, every pgmap's ref word and every memory block's state. Where user space runs
+(the trigger scenarios), it is also the kernel's own pfn_to_online_page() for every pfn, asked on the
+second vCPU while the first stays stopped in the moment (KPF_NOPAGE, or the bcc fexit oracle on 7.x)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,20 @@ pytestmark = pytest.mark.vm
 DEFERRED_BLOCK_PAGES = 1024
 
 
+def model_equals_the_kernel(capture: truth.Capture, snap: Snapshot) -> np.ndarray:
+    """The kernel's own answers for every pfn it walked, after checking the model gives the same."""
+    online = capture.online()
+    assert online is not None, "a trigger stop records pfn_to_online_page() for every pfn"
+    modelled = np.zeros(online.size, dtype=bool)
+    seg = model.segments(snap, 0, online.size)
+    for start, end in zip(seg["pfn_start"][seg["pfn_to_online_page"] == 1].tolist(),
+                          seg["pfn_end"][seg["pfn_to_online_page"] == 1].tolist(), strict=True):  # fmt: skip
+        modelled[start:end] = True
+    wrong = np.flatnonzero(modelled != online)
+    assert not wrong.size, f"{wrong.size} pfns differ, first {wrong[0]:#x}"
+    return online
+
+
 def read(capture: truth.Capture, generation: str) -> tuple[drgn.Program, Snapshot]:
     vmcoreinfo = capture.directory / "vmcoreinfo" if capture.vmcoreinfo() is not None else None
     prog = open_vmcore(capture.elf, get_kernel(generation).vmlinux, vmcoreinfo)
@@ -46,8 +62,10 @@ def test_onlining_window_is_active(generation: str, captured: Callable[[str, str
     start, end = block.start_pfn, block.start_pfn + block.nr_pages
     assert t["stop"]["first_argument"] == start  # online_mem_sections(start_pfn, end_pfn)
     assert not any(s.has("SECTION_IS_ONLINE") for s in snap.sections if start <= s.start_pfn < end)
+    online = model_equals_the_kernel(capture, snap)
+    assert not online[start:end].any()  # the kernel's own answer: NULL, the section is not online
     seg = model.segments(snap, start, end)
-    assert (seg["pfn_to_online_page"] == 0).all()  # the kernel's first check: the section is not online
+    assert (seg["pfn_to_online_page"] == 0).all()
     assert (seg["pfn_active"] == 1).all() and (seg["proposed_online"] == 1).all()
     findings = audit.audit(snap)
     assert not [f for f in findings if f.severity == audit.ERROR], findings
@@ -73,6 +91,8 @@ def test_pgmap_teardown_hands_out_device_pages(generation: str, captured: Callab
     section = next(s for s in snap.sections if s.start_pfn == device_start // per * per)
     assert section.has("SECTION_IS_ONLINE") and section.has("SECTION_TAINT_ZONE_DEVICE")
     handed_out = (device_start, section.start_pfn + per)
+    online = model_equals_the_kernel(capture, snap)
+    assert online[handed_out[0] : handed_out[1]].all()  # the kernel's own answer: the device pages
     seg = model.segments(snap, *handed_out)
     assert (seg["pfn_to_online_page"] == 1).all() and (seg["pfn_to_device_page"] == 1).all()
     # past the shared section the device's sections are not online: NULL as before

@@ -61,7 +61,19 @@ def read_claims(prog: Program) -> list[Claim]:
             if image.type_.type.has_member(member):
                 claims.extend(_page_list(prog, getattr(image, member), f"{name} {member[:-6]} page"))
         claims.extend(_entry_pages(prog, image, name))
-    return sorted(claims, key=lambda c: (c.start_pfn, c.end_pfn))
+    return _merged(claims)
+
+
+def _merged(claims: list[Claim]) -> list[Claim]:
+    """Adjacent or overlapping claims of one owner as one range (a loaded kernel is thousands of pages)."""
+    merged: list[Claim] = []
+    for c in sorted(claims, key=lambda c: (c.owner, c.start_pfn)):
+        last = merged[-1] if merged else None
+        if last is not None and last.owner == c.owner and c.start_pfn <= last.end_pfn:
+            merged[-1] = Claim(last.start_pfn, max(last.end_pfn, c.end_pfn), c.owner)
+        else:
+            merged.append(c)
+    return sorted(merged, key=lambda c: (c.start_pfn, c.end_pfn))
 
 
 def read_online_page_callback(prog: Program) -> str | None:

@@ -10,6 +10,7 @@ Under TCG, QEMU checks breakpoints as it translates guest code, so the stop is e
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from types import TracebackType
@@ -127,15 +128,25 @@ class GdbStub:
         registers = bytes.fromhex(self.request("g"))
         return int.from_bytes(registers[RDI_OFFSET : RDI_OFFSET + 8], "little")
 
-    def stop_at(self, address: int, hits: int, timeout: float) -> None:
-        """Run until the ``hits``-th time the guest reaches ``address``, then leave it stopped there."""
+    def stop_at(self, address: int, hits: int, timeout: float) -> int:
+        """Run until the ``hits``-th time the guest reaches ``address``, then leave it stopped there; return
+        the thread (vCPU, 1-based) that reached it."""
         self.set_breakpoint(address)
+        thread = 1
         for _ in range(hits):
-            self.run_until_stop(timeout=timeout)
+            reply = self.run_until_stop(timeout=timeout)
+            match = re.search(r"thread:(?:p[0-9a-f]+\.)?([0-9a-f]+);", reply)
+            thread = int(match.group(1), 16) if match else 1
+            self.request(f"Hg{thread:x}")  # read that vCPU's registers
             pc = self.pc()
             if pc != address:
                 raise GdbError(f"the guest stopped at {pc:#x}, not at {address:#x}")
         self.remove_breakpoint(address)
+        return thread
+
+    def resume_only(self, thread: int) -> None:
+        """Let one vCPU run while the others stay stopped (QEMU resumes only the threads a vCont names)."""
+        self._send(f"vCont;c:{thread:x}")
 
     def read(self, address: int, size: int) -> bytes:
         """Guest virtual memory, translated by the stopped CPU's page tables."""

@@ -25,9 +25,13 @@ GUEST_DIR = Path(__file__).parent / "guest"
 #: loaded by /init before the agent starts (the control channel and vmcoreinfo need them)
 BOOT_MODULES = ["virtio_pci", "virtio_console", "qemu_fw_cfg"]
 #: loaded by scenarios on demand with ``loadmod NAME``
-SCENARIO_MODULES = ["virtio_mem", "nd_e820", "nd_pmem", "dax_pmem", "device_dax", "kmem", "virtio_pmem"]
-#: host programs copied in with their shared libraries
-HOST_PROGRAMS = ["/usr/bin/ndctl", "/usr/bin/daxctl"]
+SCENARIO_MODULES = [
+    "virtio_mem", "nd_e820", "nd_pmem", "dax_pmem", "device_dax", "kmem", "virtio_pmem", "virtio_balloon",
+]  # fmt: skip
+#: host programs copied in with their shared libraries (kexec: kexec-tools, for the kexec-loaded scenario)
+HOST_PROGRAMS = ["/usr/bin/ndctl", "/usr/bin/daxctl", "/usr/sbin/kexec"]
+#: where the guest finds its own kernel image (what kexec-loaded loads)
+GUEST_KERNEL_IMAGE = "/boot/vmlinuz"
 
 
 def _module_name(path: str) -> str:
@@ -116,7 +120,7 @@ def _build_initramfs(kernel: Kernel) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="initramfs.") as tmp:
         root = Path(tmp)
-        for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "lib/modules/order", "usr/bin"):
+        for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "lib/modules/order", "usr/bin", "boot"):
             (root / d).mkdir(parents=True, exist_ok=True)
         busybox = shutil.which("busybox")
         if not busybox:
@@ -132,6 +136,7 @@ def _build_initramfs(kernel: Kernel) -> Path:
         shutil.copy2(GUEST_DIR / "init", root / "init")
         for program in HOST_PROGRAMS:
             _copy_program(program, root)
+        shutil.copy2(kernel.vmlinuz, root / GUEST_KERNEL_IMAGE.lstrip("/"))
         tree = ModuleTree(kernel)
         boot = []
         for name in BOOT_MODULES + SCENARIO_MODULES:

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .vm import Guest
 
@@ -60,16 +61,28 @@ def pfn_to_online_page_ranges(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    program = GUEST_PROGRAM.read_text()
-    guest.run(f"cat > /tmp/pfn_oracle.py <<'KMI_END_OF_PROGRAM'\n{program}\nKMI_END_OF_PROGRAM\n")
+    install_program(guest)
     copy = " /tmp/kpageflags.bin" if keep_kpageflags else ""
     start = time.monotonic()
     result = guest.run(f"python3 /tmp/pfn_oracle.py {mode}{copy}", timeout=timeout)
     total = time.monotonic() - start
-    data = json.loads(result.text)
     raw = None
     if keep_kpageflags:
         raw = gzip.decompress(guest.run("gzip -1 < /tmp/kpageflags.bin; rm /tmp/kpageflags.bin").stdout)
+    return checked(json.loads(result.text), total, result.stderr.decode(errors="replace"), raw)
+
+
+def install_program(guest: Guest) -> None:
+    """Put the guest side of the oracle at /tmp/pfn_oracle.py."""
+    program = GUEST_PROGRAM.read_text()
+    guest.run(f"cat > /tmp/pfn_oracle.py <<'KMI_END_OF_PROGRAM'\n{program}\nKMI_END_OF_PROGRAM\n")
+
+
+def checked(data: dict[str, Any], total: float, warnings: str, raw: bytes | None = None) -> OnlinePages:
+    """The guest program's JSON answer as OnlinePages, once its runs are checked to tile the walk.
+
+    Raises OracleError unless the probe saw one call per pfn walked and the runs tile ``[0, pfns)``."""
+    mode = data["mode"]
     pfns = data["bytes"] // 8
     runs = sorted((int(a), int(b), bool(ok)) for a, b, ok in data["runs"])
     problems = []
@@ -103,7 +116,7 @@ def pfn_to_online_page_ranges(
         pfns=pfns,
         gaps=data["gaps"],
         seconds={**data["seconds"], "total": total},
-        warnings=result.stderr.decode(errors="replace"),
+        warnings=warnings,
         kpageflags=raw,
     )
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from .cache import cache_dir, locked, log
 from .download import Kernel, headers_debs, machine_mirror
-from .initramfs import GUEST_DIR, ModuleTree, copy_module, pack
+from .initramfs import GUEST_DIR, GUEST_KERNEL_IMAGE, ModuleTree, copy_module, pack
 from .vm import Guest, GuestError, Memory
 
 SUITE = "bookworm"
@@ -60,6 +60,7 @@ PACKAGES = [
     "ndctl",
     "daxctl",
     "busybox-static",
+    "kexec-tools",
 ]
 ROOTFS_GUEST_DIR = Path(__file__).parent / "guest-rootfs"
 #: the guest's PID 1 (``init=``), its agent and the ``loadmod`` the scenarios call
@@ -84,7 +85,7 @@ KMEMINSPECT_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
 STAGE1_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]
 STAGE1_OPTIONAL = {"crc32c_generic"}
 #: bump when the way images are assembled changes
-IMAGE_FORMAT = 2
+IMAGE_FORMAT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +310,7 @@ def _build_image(kernel: Kernel, base: Path, image: Path) -> None:
         (root / ".kmi-complete").unlink()
         for rel, source in IMAGE_FILES.items():
             _put(root, rel, source)
+        _put(root, GUEST_KERNEL_IMAGE.lstrip("/"), kernel.vmlinuz)  # what kexec-loaded loads
         modules = root / "usr/lib/modules" / kernel.release
         modules.parent.mkdir(parents=True, exist_ok=True)
         # hard links into the kernel cache: depmod only adds files (written aside, then renamed)
@@ -397,9 +399,10 @@ class RootfsGuest(Guest):
         workdir: Path | None = None,
         smp: int = 1,
         shares: dict[str, Path] | None = None,
+        gdb: bool = False,
     ) -> None:
         root = ["root=/dev/vda", "ro", f"init={INIT}"]
-        super().__init__(kernel, root + (cmdline or []), qemu_args, memory or Memory(), workdir, smp)
+        super().__init__(kernel, root + (cmdline or []), qemu_args, memory or Memory(), workdir, smp, gdb)
         self.rootfs: Rootfs | None = None
         self.boot_seconds = 0.0
         self.shares = dict(shares or {})
@@ -473,5 +476,12 @@ def rootfs_guest(
     if reason:
         raise ScenarioUnsupported(f"{scenario.name} on {kernel.release}: {reason}")
     return RootfsGuest(
-        kernel, list(scenario.cmdline), list(scenario.qemu_args), scenario.memory, workdir, smp=smp, shares=shares
+        kernel,
+        list(scenario.cmdline),
+        list(scenario.qemu_args),
+        scenario.memory,
+        workdir,
+        smp=max(smp, scenario.smp),
+        shares=shares,
+        gdb=scenario.stopped,
     )

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .download import Kernel
+from .initramfs import GUEST_KERNEL_IMAGE
 from .vm import Guest, GuestError, Memory
 
 MiB = 1 << 20
@@ -48,6 +49,9 @@ class Scenario:
     #: after ``stop_at`` or ``trigger``: (function, hits) breakpoints armed one after another; the state is
     #: the last one's ``hits``-th entry (gdbstub.py). Needs ``nokaslr``.
     stop_chain: tuple[tuple[str, int], ...] = ()
+    #: vCPUs. A ``trigger`` stop needs two: the trigger runs pinned to CPU 0, which the breakpoint stops;
+    #: the guest's agent, pinned to CPU 1, then asks the kernel for its answers while CPU 0 stays stopped
+    smp: int = 1
 
     @property
     def stopped(self) -> bool:
@@ -66,6 +70,7 @@ class Scenario:
             qemu_args=list(self.qemu_args),
             memory=self.memory,
             workdir=workdir,
+            smp=self.smp,
             gdb=self.stopped,
         )
 
@@ -236,6 +241,40 @@ def _dax_kmem(guest: Guest) -> None:
         set_block_state(guest, block, "online_movable")
 
 
+def _dimm_online_kernel(guest: Guest) -> list[int]:
+    """A DIMM onlined to ZONE_NORMAL: allocations of the kernel (GFP_KERNEL) and of balloons prefer it,
+    the highest populated zone of a 1 GiB guest whose boot memory is all DMA32."""
+    blocks = add_dimm(guest)
+    for block in blocks:
+        set_block_state(guest, block, "online_kernel")
+    return blocks
+
+
+#: balloon-over-dimm: the balloon inflates by this much, from the DIMM's ZONE_NORMAL
+BALLOON_INFLATE = 128 * MiB
+
+
+def _balloon_actual(guest: Guest) -> int:
+    return int(guest.execute("query-balloon")["actual"])
+
+
+def _balloon_over_dimm(guest: Guest) -> None:
+    _dimm_online_kernel(guest)
+    guest.run("loadmod virtio_balloon")
+    wait_for("the balloon driver", lambda: _balloon_actual(guest) > 0)
+    target = _balloon_actual(guest) - BALLOON_INFLATE
+    guest.execute("balloon", value=target)
+    wait_for(f"the balloon to reach {target >> 20} MiB", lambda: _balloon_actual(guest) <= target, 120)
+
+
+def _kexec_loaded(guest: Guest) -> None:
+    _dimm_online_kernel(guest)
+    guest.run(f"kexec -l {GUEST_KERNEL_IMAGE} --append='console=ttyS0 quiet'")
+    loaded = guest.run("cat /sys/kernel/kexec_loaded").text.strip()
+    if loaded != "1":
+        raise GuestError(f"kexec -l did not load an image (kexec_loaded {loaded!r})")
+
+
 def _mixed(guest: Guest) -> None:
     _pmem_collision(guest)
     blocks = add_dimm(guest)
@@ -389,6 +428,19 @@ SCENARIOS: dict[str, Scenario] = {
             memory=_PMEM_MEMORY,
         ),
         Scenario(
+            "balloon-over-dimm",
+            f"a 512 MiB DIMM online_kernel, then virtio-balloon inflated by {BALLOON_INFLATE >> 20} MiB from it",
+            _balloon_over_dimm,
+            memory=_DIMM_MEMORY,
+            qemu_args=("-device", "virtio-balloon-pci,id=balloon0"),
+        ),
+        Scenario(
+            "kexec-loaded",
+            "a 512 MiB DIMM online_kernel, then a kexec kernel loaded (kexec -l): its pages PG_reserved",
+            _kexec_loaded,
+            memory=_DIMM_MEMORY,
+        ),
+        Scenario(
             "hugetlb-hvo",
             f"{HUGETLB_PAGES} 2 MiB hugetlb pages with hugetlb_free_vmemmap=on",
             _hugetlb_hvo,
@@ -441,6 +493,7 @@ SCENARIOS: dict[str, Scenario] = {
             memory=_DIMM_MEMORY,
             trigger=_online_first_dimm_block,
             stop_chain=(ONLINING_STOP,),
+            smp=2,
         ),
         Scenario(
             "pgmap-teardown",
@@ -454,6 +507,7 @@ SCENARIOS: dict[str, Scenario] = {
             memory=_PMEM_MEMORY,
             trigger=_disable_pmem_namespace,
             stop_chain=PGMAP_TEARDOWN_STOPS,
+            smp=2,
         ),
     ]
 }

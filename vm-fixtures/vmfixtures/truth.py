@@ -42,9 +42,9 @@ from drgn.helpers.linux.xarray import xa_for_each
 from .cache import cache_dir, locked, log
 from .download import Kernel
 from .gdbstub import GdbStub, kernel_debug_info, read_through
-from .oracle import pfn_to_online_page_ranges
+from .oracle import checked, install_program, pfn_to_online_page_ranges
 from .rootfs import rootfs_guest
-from .scenarios import SCENARIOS, Scenario
+from .scenarios import SCENARIOS, Scenario, wait_for
 from .vm import Guest
 
 #: /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h: a stable user-space ABI)
@@ -279,14 +279,43 @@ def _write_dumps(guest: Guest, work: Path) -> None:
     guest.dump(work / "vmcore.kdump", "kdump-zlib")
 
 
-def _follow_chain(prog: drgn.Program, stub: GdbStub, scenario: Scenario, truth: dict[str, Any]) -> None:
-    """Arm the scenario's ``stop_chain`` breakpoints one after another; record where it stopped."""
+def _follow_chain(prog: drgn.Program, stub: GdbStub, scenario: Scenario, truth: dict[str, Any]) -> int:
+    """Arm the scenario's ``stop_chain`` breakpoints one after another; record where it stopped; return
+    the vCPU (gdb thread) that stopped there."""
+    thread = 1
     for function, hits in scenario.stop_chain:
         address = prog.symbol(function).address
-        stub.stop_at(address, hits, timeout=300)
-        truth["stop"] = {"function": function, "hits": hits, "address": address, "pc": stub.pc()}
-        log(f"stopped at {function} (hit {hits})")
+        thread = stub.stop_at(address, hits, timeout=300)
+        truth["stop"] = {"function": function, "hits": hits, "address": address, "pc": stub.pc(), "thread": thread}
+        log(f"stopped at {function} (hit {hits}, vCPU {thread - 1})")
     truth["stop"]["first_argument"] = stub.first_argument()
+    return thread
+
+
+#: the agent's CPU while a trigger stop holds CPU 0 (``Scenario.smp`` is 2 for those)
+AGENT_CPU_MASK, TRIGGER_CPU_MASK = 0x2, 0x1
+ORACLE_GO, ORACLE_OUTPUT = "/tmp/oracle-go", "/tmp/oracle.json"
+
+
+def _answers_while_stopped(guest: Guest, use_bcc: bool) -> dict[str, Any]:
+    """pfn_to_online_page() for every pfn, asked of the kernel on CPU 1 while CPU 0 stays stopped in the
+    scenario's moment: KPF_NOPAGE where kpageflags still says it, else the bcc oracle attached before."""
+    truth: dict[str, Any] = {}
+    if use_bcc:
+        guest.run(f"touch {ORACLE_GO}")
+        output = ORACLE_OUTPUT
+        wait_for("the oracle's answer", lambda: guest.run(f"grep -c runs {output} || true").text.strip() == "1", 600)
+        answers = checked(json.loads(guest.run(f"grep runs {output}").text), 0.0, "")
+        truth["kpageflags_pfns"] = answers.pfns
+        truth["pfn_to_online_page_oracle"] = f"bcc-{answers.mode}"
+        truth["online_pfn_ranges"] = [list(r) for r in answers.ranges]
+        return truth
+    raw = guest.run("dd if=/proc/kpageflags bs=65536 2>/dev/null | gzip -1", timeout=300).stdout
+    flags = np.frombuffer(gzip.decompress(raw), dtype="<u8")
+    truth["kpageflags_pfns"] = int(flags.size)
+    truth["pfn_to_online_page_oracle"] = "kpageflags-nopage"
+    truth["online_pfn_ranges"] = runs_of((flags >> KPF_NOPAGE) & 1 == 0)
+    return truth
 
 
 def stop_bookkeeping(prog: drgn.Program) -> dict[str, Any]:
@@ -325,15 +354,25 @@ def _capture_stopped(guest: Guest, kernel: Kernel, scenario: Scenario, work: Pat
         scenario.setup(guest)
         truth["release"] = guest.run("uname -r").text.strip()
         truth["cmdline"] = guest.run("cat /proc/cmdline").text.strip()
+        guest.run(f"taskset -p {AGENT_CPU_MASK} $PPID >/dev/null")  # the agent, and all it starts, on CPU 1
+        use_bcc = not kpageflags_reports_nopage(kernel)
+        if use_bcc:  # attach before the stop: attaching patches text, which waits for every CPU
+            install_program(guest)
+            guest.run_background(f"python3 /tmp/pfn_oracle.py fexit --wait {ORACLE_GO} > {ORACLE_OUTPUT}")
+            attached = f"test -e {ORACLE_GO}.attached"
+            wait_for("the oracle to attach", lambda: guest.run(attached, check=False).returncode == 0, 600)
         truth["trigger"] = scenario.trigger(guest)
-        guest.run_background(truth["trigger"])
+        guest.run_background(f"taskset {TRIGGER_CPU_MASK} sh -c '{truth['trigger']}'")
         with GdbStub(guest.gdb_path) as stub:  # QEMU stops the guest while a debugger attaches
             stub.halt_reason()
             read_through(prog, stub)
-            _follow_chain(prog, stub, scenario, truth)
+            thread = _follow_chain(prog, stub, scenario, truth)
             truth.update(stop_bookkeeping(prog))
             if dumps:
                 _write_dumps(guest, work)
+            if scenario.smp > 1:
+                stub.resume_only(2 if thread == 1 else 1)
+                truth.update(_answers_while_stopped(guest, use_bcc))
         return truth
     assert scenario.stop_at is not None
     address = prog.symbol(scenario.stop_at).address
@@ -383,7 +422,7 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"capturing {scenario_name} on {kernel.release}")
-    use_bcc = not scenario.stopped and not kpageflags_reports_nopage(kernel)
+    use_bcc = scenario.stop_at is None and not kpageflags_reports_nopage(kernel)
     guest = rootfs_guest(scenario_name, kernel, work / "guest") if use_bcc else scenario.guest(kernel, work / "guest")
     try:
         if scenario.stopped:
@@ -393,7 +432,7 @@ def _capture(kernel: Kernel, scenario_name: str, dumps: bool, refresh: bool) -> 
             scenario.setup(guest)
             truth, kpageflags = collect_truth(guest)
             (work / "kpageflags.gz").write_bytes(kpageflags)
-        if use_bcc:
+        if use_bcc and not scenario.stopped:
             # the same walk, with an fexit on pfn_to_online_page() recording every answer
             answers = pfn_to_online_page_ranges(guest, mode="fexit")
             if answers.pfns != truth["kpageflags_pfns"]:

@@ -8,7 +8,10 @@ hundred map entries instead of one event per pfn. A non-consecutive pfn closes a
 (``gaps``), so the runs stay correct whatever the call order; user space checks that they tile
 ``[0, pfns walked)`` exactly once.
 
-Prints one JSON object on stdout. Usage: ``python3 pfn_oracle.py fexit|kretprobe [KPAGEFLAGS_COPY]``.
+Prints one JSON object on stdout. Usage: ``python3 pfn_oracle.py fexit|kretprobe [KPAGEFLAGS_COPY]``, or
+``python3 pfn_oracle.py fexit --wait GO``: attach, touch ``GO.attached``, walk once ``GO`` exists, print,
+and only then detach (for a guest one of whose CPUs is stopped: detaching a trampoline waits for every
+CPU, so the answer is printed first).
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def walk(copy: str | None) -> int:
 
 def main() -> None:
     mode = sys.argv[1]
-    copy = sys.argv[2] if len(sys.argv) > 2 else None
+    go = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--wait" else None
+    copy = sys.argv[2] if len(sys.argv) > 2 and go is None else None
     timings: dict[str, float] = {}
     t = time.monotonic()
     walk(None)
@@ -135,9 +139,18 @@ def main() -> None:
     armed.armed = 1
     state_map[key] = armed
     timings["attach"] = time.monotonic() - t
+    if go:
+        open(go + ".attached", "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.1)
     t = time.monotonic()
     nbytes = walk(copy)
     timings["walk_probed"] = time.monotonic() - t
+    if go:
+        s = state_map[key]
+        print(json.dumps(result(bpf, s, mode, nbytes, timings)), flush=True)
+        bpf.cleanup()
+        return
     t = time.monotonic()
     if mode == "kretprobe":
         bpf.detach_kretprobe(event="pfn_to_online_page", fn_name="on_return")
@@ -145,31 +158,33 @@ def main() -> None:
     else:
         bpf.detach_kretfunc(fn_name="pfn_to_online_page")
     s = state_map[key]
-    runs_map = bpf["runs"]
-    runs = []
-    for i in range(s.nruns):
-        r = runs_map[ctypes.c_int(i)]
-        runs.append([r.start, r.end, r.online])
-    if s.calls:  # the run still open when the walk ended
-        runs.append([s.start, s.next, s.online])
+    answer = result(bpf, s, mode, nbytes, timings)
     bpf.cleanup()
     timings["detach_and_read"] = time.monotonic() - t
+    print(json.dumps(answer))
+
+
+def result(bpf: BPF, s: object, mode: str, nbytes: int, timings: dict[str, float]) -> dict[str, object]:
+    """The JSON answer: the runs the BPF side recorded, and the counters to check them by."""
+    runs_map = bpf["runs"]
+    runs = []
+    for i in range(s.nruns):  # type: ignore[attr-defined]
+        r = runs_map[ctypes.c_int(i)]
+        runs.append([r.start, r.end, r.online])
+    if s.calls:  # type: ignore[attr-defined]  # the run still open when the walk ended
+        runs.append([s.start, s.next, s.online])  # type: ignore[attr-defined]
     with open("/proc/sys/kernel/osrelease") as f:
         release = f.read().strip()
-    print(
-        json.dumps(
-            {
-                "release": release,
-                "mode": mode,
-                "bytes": nbytes,
-                "calls": s.calls,
-                "gaps": s.gaps,
-                "overflow": s.overflow,
-                "runs": runs,
-                "seconds": timings,
-            }
-        )
-    )
+    return {
+        "release": release,
+        "mode": mode,
+        "bytes": nbytes,
+        "calls": s.calls,  # type: ignore[attr-defined]
+        "gaps": s.gaps,  # type: ignore[attr-defined]
+        "overflow": s.overflow,  # type: ignore[attr-defined]
+        "runs": runs,
+        "seconds": timings,
+    }
 
 
 if __name__ == "__main__":
