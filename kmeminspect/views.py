@@ -16,6 +16,7 @@ from tabulate import tabulate
 from . import audit as audit_mod
 from . import model
 from .errors import UsageError
+from .files import write_atomically
 from .nodes import section_nids
 from .state import MEMMAP_NAMES, MEMMAP_NOT_IN_DUMP, Snapshot
 
@@ -332,7 +333,7 @@ def map_view(snap: Snapshot, html_file: str | None, colour: bool) -> View:
     drawing = memorymap.build(snap)
     if html_file:
         try:
-            Path(html_file).write_text(memorymap.render_html(drawing))
+            write_atomically(Path(html_file), memorymap.render_html(drawing).encode())
         except OSError as error:
             raise UsageError(f"cannot write {html_file}: {error.strerror}; choose a writable path") from None
     return drawing.to_json(), lambda: memorymap.render_terminal(drawing, colour)
