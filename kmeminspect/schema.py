@@ -293,7 +293,7 @@ SNAPSHOT = obj(
         "resources": array(RESOURCE),
         "runs": _run_columns,
     },
-    {"claims": array(CLAIM), "online_page_callback": string(), "written_by": string()},
+    {"claims": array(CLAIM), "online_page_callback": string(), "written_by": string(), "unreadable": array(string())},
 )
 
 

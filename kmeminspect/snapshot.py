@@ -67,6 +67,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "resources": [dataclasses.asdict(r) for r in snapshot.resources],
         "claims": [dataclasses.asdict(c) for c in snapshot.claims],
         "online_page_callback": snapshot.online_page_callback,
+        "unreadable": list(snapshot.unreadable),
         "runs": {name: snapshot.runs[name].tolist() for name, _ in RUN_FIELDS},
     }
 
@@ -109,6 +110,7 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
         runs=runs,
         claims=[Claim(**c) for c in data.get("claims", [])],
         online_page_callback=data.get("online_page_callback"),
+        unreadable=list(data.get("unreadable") or []),
     )
 
 

@@ -207,6 +207,9 @@ class Snapshot:
     #: the function behind ``online_page_callback`` (``generic_online_page`` unless a driver such as
     #: virtio-mem, hv_balloon or xen's balloon withholds pages of memory it onlines); None if unknown
     online_page_callback: str | None = None
+    #: what the reader could not read (kernel memory that faulted: a page a filtered dump excluded, a
+    #: structure freed during a live read), one line each; everything else was read
+    unreadable: list[str] = dataclasses.field(default_factory=list)
 
     def section(self, nr: int) -> Section | None:
         for s in self.sections:

@@ -42,7 +42,10 @@ class Context:
         from ..target import open_target
 
         self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
-        return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
+        snap = read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
+        for note in snap.unreadable:  # the answer follows, from everything else; the audit has it as a finding
+            click.echo(f"kmeminspect: warning: {note}", err=True)
+        return snap
 
     def emit(self, data: dict[str, Any], table: Callable[[], str]) -> None:
         """Print a view: its JSON object with ``--json``, else its table."""
