@@ -3,7 +3,7 @@ PYTHON ?= python3
 export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test test-slow check lint format docs fixtures bench bench-large bench-trace stress clean-cache
+.PHONY: setup demo test test-oldest-drgn test-slow check lint format docs fixtures bench bench-large bench-trace stress fuzz clean-cache
 
 setup:           ## install apt and pip prerequisites (idempotent)
 	bash .ci/setup
@@ -11,8 +11,11 @@ setup:           ## install apt and pip prerequisites (idempotent)
 demo: setup      ## the main job: boot the bundled hotplug guest and inspect it
 	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures demo
 
-test: lint       ## everything: fast tests and VM tests on every kernel generation (not the slow ones)
+test: setup lint test-oldest-drgn ## everything: fast tests (also on the oldest drgn), VM tests on every kernel generation (not the slow ones)
 	$(PYTEST) -n 2 --dist loadgroup -m "not slow" tests
+
+test-oldest-drgn: ## the fast tests in a venv with the oldest drgn pyproject claims, kmeminspect pip-installed there
+	bash .ci/oldest-drgn
 
 check: lint      ## the fast tests only (no VM), in seconds
 	$(PYTEST) -m "not vm and not slow" tests
@@ -44,6 +47,9 @@ bench-trace:     ## the cost of kmeminspect trace against bcc stackcount, in roo
 
 test-slow:       ## what make test leaves out: long stress runs, every tracing test on 7.x (docs/testing.md)
 	$(PYTEST) -n 2 --dist loadgroup -m slow tests
+
+fuzz:            ## the hostile-input tests, random and long (make test runs them derandomized, briefly)
+	KMEMINSPECT_FUZZ_EXAMPLES=$${KMEMINSPECT_FUZZ_EXAMPLES:-2000} $(PYTEST) tests/test_hostile_input.py
 
 stress:          ## the long hotplug stress runs on every generation, reports printed (docs/stress.md)
 	$(PYTEST) -m slow -s tests/test_stress.py

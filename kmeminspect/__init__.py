@@ -63,7 +63,8 @@ def explain_pfns(snapshot: Snapshot, start: int, end: int | None = None) -> list
     :param snapshot: From :func:`read_snapshot` (or :func:`kmeminspect.snapshot.load`).
     :param start: First pfn.
     :param end: One past the last pfn. Default: ``start + 1``.
-    :raises kmeminspect.errors.UsageError: if ``start`` is beyond the highest present section.
+    :raises kmeminspect.errors.UsageError: if ``end`` is beyond what the architecture can address
+        (``MAX_PHYSMEM_BITS``); pfns beyond the highest present section are answered (not present).
     """
     from .views import pfn_view
 

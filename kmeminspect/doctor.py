@@ -40,8 +40,11 @@ def _debug_info(release: str) -> Path | None:
 
 NT_GNU_BUILD_ID = 3
 PT_NOTE = 4
-#: the oldest drgn with what the readers use (pyproject's dependency)
-DRGN_MINIMUM = (0, 0, 30)
+#: the oldest drgn with what kmeminspect uses (pyproject's dependency; `make test` runs the fast tests on it,
+#: .ci/oldest-drgn): Program.set_qemu_qmp (--qemu, 0.2.0), Program.core_dump_path (0.0.33), the command API
+#: of the plugin (drgn.commands: command, argument, CommandNamespace, 0.1.0), modules (main_module,
+#: wants_debug_file, load_debug_info(main=True), 0.0.31)
+DRGN_MINIMUM = (0, 2, 0)
 
 
 def gnu_build_id(notes: bytes) -> str | None:

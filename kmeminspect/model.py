@@ -117,18 +117,21 @@ def _subsection_bits(snapshot: Snapshot) -> np.ndarray:
     return bits
 
 
-def segments(snapshot: Snapshot, start: int | None = None, end: int | None = None) -> np.ndarray:
-    """The snapshot's runs refined into model segments and evaluated, optionally clipped to [start, end)."""
+def segments(snapshot: Snapshot, start: int | None = None, end: int | None = None, clip: bool = True) -> np.ndarray:
+    """The snapshot's runs refined into model segments and evaluated, optionally clipped to [start, end).
+
+    With ``clip=False`` the segments cover exactly [start, end), pfns before the first run and after the
+    last one too (not present, no memmap): what ``pfn`` answers for any pfn the architecture can address."""
     layout = snapshot.layout
     runs = snapshot.runs
     cuts = _boundaries(snapshot)
     lo = int(runs["pfn_start"][0]) if runs.size else 0
     hi = int(runs["pfn_end"][-1]) if runs.size else 0
     if start is not None:
-        lo = max(lo, start)
+        lo = max(lo, start) if clip else start
         cuts = np.append(cuts, np.uint64(start))
     if end is not None:
-        hi = min(hi, end)
+        hi = min(hi, end) if clip else end
         cuts = np.append(cuts, np.uint64(end))
     cuts = np.unique(cuts)
     cuts = cuts[(cuts >= lo) & (cuts <= hi)]

@@ -20,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import schema
 from .errors import UsageError
+from .files import atomic_writer
 from .state import (
     RUN_DTYPE,
     RUN_FIELDS,
@@ -54,6 +57,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "kind": KIND,
+        "written_by": schema.written_by(),
         "source": snapshot.source,
         "layout": dataclasses.asdict(snapshot.layout),
         "sections": [dataclasses.asdict(s) for s in snapshot.sections],
@@ -65,19 +69,19 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "claims": [dataclasses.asdict(c) for c in snapshot.claims],
         "online_page_callback": snapshot.online_page_callback,
         "pgmap_pointers": [{"address": a, "points_to": w} for a, w in sorted(snapshot.pgmap_pointers.items())],
+        "unreadable": list(snapshot.unreadable),
         "runs": {name: snapshot.runs[name].tolist() for name, _ in RUN_FIELDS},
     }
 
 
 def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
-    """A snapshot from its JSON object; ``origin`` names it in errors (a wrong kind or format is a UsageError)."""
-    if data.get("kind") != KIND:
+    """A snapshot from its JSON object, checked first against the format's schema (:mod:`.schema`);
+    ``origin`` names it in errors (anything that does not fit is a UsageError)."""
+    if not isinstance(data, dict) or data.get("kind") != KIND:
         raise UsageError(f"{origin}: not a kmeminspect snapshot")
     if data.get("format") not in READABLE_FORMATS:
-        raise UsageError(
-            f"{origin}: snapshot format {data.get('format')} is not supported (this kmeminspect reads "
-            f"{', '.join(map(str, READABLE_FORMATS))})"
-        )
+        raise schema.newer(origin, "snapshot format", data.get("format"), READABLE_FORMATS, data)
+    schema.check_snapshot(data, origin)
     layout = dict(data["layout"])
     layout["zone_names"] = tuple(layout["zone_names"])
     n = len(data["runs"]["pfn_start"])
@@ -109,15 +113,16 @@ def from_json(data: dict[str, Any], origin: str = "snapshot") -> Snapshot:
         claims=[Claim(**c) for c in data.get("claims", [])],
         online_page_callback=data.get("online_page_callback"),
         pgmap_pointers={int(p["address"]): str(p["points_to"]) for p in data.get("pgmap_pointers", [])},
+        unreadable=list(data.get("unreadable") or []),
     )
 
 
 def save(snapshot: Snapshot, path: Path) -> None:
-    """Write a snapshot to ``path`` (gzip'd JSON), through a temporary file so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt") as f:
-        json.dump(to_json(snapshot), f, separators=(",", ":"))
-    tmp.replace(path)
+    """Write a snapshot to ``path`` (gzip'd JSON), whole or not at all (:mod:`.files`): a run killed while
+    writing leaves the old file, or none."""
+    text = json.dumps(to_json(snapshot), separators=(",", ":"))
+    with atomic_writer(path) as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
+        z.write(text.encode())
 
 
 def load(path: Path) -> Snapshot:
@@ -127,9 +132,15 @@ def load(path: Path) -> Snapshot:
             data = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError, EOFError) as error:
-        raise UsageError(f"{path}: not a kmeminspect snapshot ({error})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: a directory, not a snapshot file") from None
+    except (OSError, EOFError, ValueError, RecursionError, zlib.error) as error:  # gzip, UTF-8 and JSON errors
+        raise UsageError(f"{path}: not a kmeminspect snapshot ({one_line(error)})") from None
     return from_json(data, str(path))
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:120]
 
 
 def _keyed_changes(

@@ -157,6 +157,14 @@ class Layout:
     max_pfn: int
     #: how this kernel's pfn_to_online_page() checks ZONE_DEVICE collisions (see model.py)
     pfn_to_online_page: str
+    #: MAX_PHYSMEM_BITS: the physical addresses the architecture can address, as this kernel set it up
+    #: (VMCOREINFO; 46, or 52 with 5-level paging, on x86_64). None when not known (an older snapshot)
+    max_physmem_bits: int | None = None
+
+    @property
+    def pfn_limit(self) -> int:
+        """One past the highest pfn the architecture can address (2^(64 - PAGE_SHIFT) when not known)."""
+        return 1 << ((self.max_physmem_bits or 64) - self.page_shift)
 
     @property
     def pages_per_section(self) -> int:
@@ -202,6 +210,9 @@ class Snapshot:
     #: what each page->pgmap value that no registered pgmap explains for its pfn points to (reader's
     #: words: "a freed kmalloc-1k slab object ...", "a registered pgmap of another range", ...)
     pgmap_pointers: dict[int, str] = dataclasses.field(default_factory=dict)
+    #: what the reader could not read (kernel memory that faulted: a page a filtered dump excluded, a
+    #: structure freed during a live read), one line each; everything else was read
+    unreadable: list[str] = dataclasses.field(default_factory=list)
 
     def section(self, nr: int) -> Section | None:
         for s in self.sections:

@@ -52,8 +52,15 @@ def elf_program_headers(f: BinaryIO) -> tuple[int, list[ProgramHeader]]:
     ValueError when the table is cut short."""
     f.seek(0)
     head = f.read(64)
+    if len(head) < 64:
+        raise ValueError("ELF header cut short")
     e_phoff = struct.unpack_from("<Q", head, 32)[0]
     e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
+    if e_phnum and e_phentsize < 56:
+        raise ValueError(f"program headers of {e_phentsize} bytes (ELF64 needs 56)")
+    size = f.seek(0, os.SEEK_END)
+    if e_phoff + e_phentsize * e_phnum > size:  # a seek past 2^63 would fail, and past the end reads nothing
+        raise ValueError(f"program header table at {e_phoff:#x} is past the end of the file ({size} bytes)")
     f.seek(e_phoff)
     table = f.read(e_phentsize * e_phnum)
     if len(table) < e_phentsize * e_phnum:
@@ -69,6 +76,10 @@ def _check_vmcore_file(path: Path) -> str:
     """Return the dump's format, or raise if it is not an x86_64 vmcore that drgn can read."""
     if not path.exists():
         raise TargetError(f"{path}: no such file")
+    if path.is_dir():
+        raise TargetError(f"{path}: a directory, not a vmcore: give the dump file in it (kdump-tools: dump.<date>)")
+    if not path.is_file():
+        raise TargetError(f"{path}: not a regular file: give a vmcore file")
     if not os.access(path, os.R_OK):
         raise TargetError(f"{path}: permission denied (run as root, or make the dump readable)")
     size = path.stat().st_size
@@ -84,8 +95,8 @@ def _check_vmcore_file(path: Path) -> str:
                 raise TargetError(f"{path}: a dump of machine type {e_machine}, not x86_64 (not supported)")
             try:
                 _, headers = elf_program_headers(f)
-            except ValueError:
-                raise TargetError(f"{path}: truncated ELF vmcore (program headers missing); copy it again") from None
+            except ValueError as error:
+                raise TargetError(f"{path}: truncated ELF vmcore ({error}); copy it again") from None
             end = max((h.offset + h.filesz for h in headers), default=0)
             if end > size:
                 raise TargetError(
@@ -151,7 +162,12 @@ def open_vmcore(path: Path, vmlinux: Path | None, vmcoreinfo: Path | None = None
     # QEMU's kdump header says machine "Unknown", so libkdumpfile cannot tell the architecture: the file
     # checks above established x86_64 for ELF; kdump dumps are opened as x86_64 too (the only one supported).
     if fmt != "elf" or info is not None:
-        prog = drgn.Program(X86_64, vmcoreinfo=info)
+        try:
+            prog = drgn.Program(X86_64, vmcoreinfo=info)
+        except Exception as error:  # noqa: BLE001 - drgn's parse errors have no common class
+            raise TargetError(
+                f"--vmcoreinfo {vmcoreinfo}: not valid VMCOREINFO ({error}); give the boot's own"
+            ) from None
     else:
         prog = drgn.Program()
     try:

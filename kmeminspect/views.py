@@ -16,6 +16,7 @@ from tabulate import tabulate
 from . import audit as audit_mod
 from . import model
 from .errors import UsageError
+from .files import write_atomically
 from .nodes import section_nids
 from .state import MEMMAP_NAMES, MEMMAP_NOT_IN_DUMP, Snapshot
 
@@ -147,24 +148,34 @@ def blocks_view(snap: Snapshot) -> View:
 # -- pfn --------------------------------------------------------------------------------------------
 
 
-def parse_pfns(text: str) -> tuple[int, int, bool]:
-    """PFN or START-END (END exclusive; hex with 0x or decimal) -> (start, end, is_range)."""
+#: no pfn or address given to kmeminspect reaches 2^64 (a 64-bit physical address space at most)
+NUMBER_LIMIT = 1 << 64
+
+
+def parse_pfns(text: str, what: str = "pfn") -> tuple[int, int, bool]:
+    """PFN or START-END (END exclusive; hex with 0x or decimal) -> (start, end, is_range). ``what`` names
+    the numbers in errors ("physical address" for ``pfn --phys``)."""
 
     def number(part: str) -> int:
         try:
-            return int(part, 0)
+            value = int(part.strip(), 0)
         except ValueError:
-            raise UsageError(f"'{part}' is not a pfn (decimal, or hex with 0x)") from None
+            raise UsageError(f"'{part}' is not a {what} (decimal, or hex with 0x)") from None
+        if value >= NUMBER_LIMIT:
+            raise UsageError(f"{part} is not a {what}: no 64-bit machine has one that large")
+        return value
 
-    if "-" in text:
-        a, _, b = text.partition("-")
+    if "-" in text.strip().lstrip("-"):
+        a, _, b = text.strip().partition("-")
         start, end = number(a), number(b)
+        if start < 0:
+            raise UsageError(f"'{text}' is not a {what} range")
         if end <= start:
             raise UsageError(f"empty range {text}: END is exclusive and must be above START")
         return start, end, True
     pfn = number(text)
     if pfn < 0:
-        raise UsageError(f"'{text}' is not a pfn")
+        raise UsageError(f"'{text}' is not a {what}")
     return pfn, pfn + 1, False
 
 
@@ -214,10 +225,14 @@ def pfn_view(snap: Snapshot, start: int, end: int, is_range: bool, prog: Any = N
 
     A single pfn (not ``is_range``) gets the full decode of its struct page when ``prog``, the drgn Program
     the snapshot was read from, is given; a range prints runs of identical state."""
-    limit = snap.end_pfn()
-    if start >= limit:
-        raise UsageError(f"pfn {start:#x} is beyond the highest present section (pfns end at {limit:#x})")
-    seg = model.segments(snap, start, min(end, limit))
+    limit = snap.layout.pfn_limit
+    if end > limit:
+        bits = snap.layout.max_physmem_bits
+        raise UsageError(
+            f"pfn {max(start, limit - 1):#x} is beyond what the architecture can address "
+            f"(MAX_PHYSMEM_BITS {bits}: pfns end at {limit:#x}); give a pfn below that"
+        )
+    seg = model.segments(snap, start, end, clip=False)
     runs: list[dict[str, Any]] = []
     for row in seg:
         d = describe(snap, row)
@@ -318,7 +333,7 @@ def map_view(snap: Snapshot, html_file: str | None, colour: bool) -> View:
     drawing = memorymap.build(snap)
     if html_file:
         try:
-            Path(html_file).write_text(memorymap.render_html(drawing))
+            write_atomically(Path(html_file), memorymap.render_html(drawing).encode())
         except OSError as error:
             raise UsageError(f"cannot write {html_file}: {error.strerror}; choose a writable path") from None
     return drawing.to_json(), lambda: memorymap.render_terminal(drawing, colour)

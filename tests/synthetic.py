@@ -55,6 +55,7 @@ def layout() -> Layout:
         vmemmap_base=VMEMMAP,
         max_pfn=0,
         pfn_to_online_page="taint-pgmap",
+        max_physmem_bits=46,
     )
 
 

@@ -95,12 +95,49 @@ def test_malformed_range(tmp_path: Path) -> None:
 
 
 def test_pfn_beyond_highest_section(tmp_path: Path) -> None:
+    """Issue 14: a pfn the architecture can address is answered, beyond the highest present section too
+    (it was exit 2 before); a range reaching past that section is answered in full, not cut short."""
     snap = tmp_path / "s.json.gz"
     snapshot_mod.save(build(["boot", "hot-online"]), snap)
-    assert_one_line_error(kmem("--snapshot", str(snap), "pfn", str(2 * 32768)), "beyond the highest present section")
+    beyond = kmem("--snapshot", str(snap), "--json", "pfn", str(2 * 32768))
+    assert beyond.returncode == 0, beyond.stderr
+    answer = json.loads(beyond.stdout)["pfns"][0]
+    assert answer["pfn"] == 65536 and answer["memmap"] == "none"
+    assert not answer["pfn_valid"] and not answer["pfn_to_online_page"] and not answer["online_section"]
     ok = kmem("--snapshot", str(snap), "--json", "pfn", str(2 * 32768 - 1))
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["pfns"][0]["pfn_to_online_page"] is True
+    across = kmem("--snapshot", str(snap), "pfn", "--json", "0xfff0-0x10010")
+    runs = json.loads(across.stdout)["runs"]
+    assert (runs[0]["pfn_start"], runs[-1]["pfn_end"]) == (0xFFF0, 0x10010)
+    assert runs[-1]["pfn_start"] == 0x10000 and runs[-1]["memmap"] == "none"
+
+
+def test_pfn_beyond_the_architecture(tmp_path: Path) -> None:
+    """Only a pfn beyond MAX_PHYSMEM_BITS (46 here: pfns end at 2^34) is bad input."""
+    snap = tmp_path / "s.json.gz"
+    snapshot_mod.save(build(["boot"]), snap)
+    assert_one_line_error(kmem("--snapshot", str(snap), "pfn", hex(1 << 34)), "MAX_PHYSMEM_BITS 46")
+    last = kmem("--snapshot", str(snap), "--json", "pfn", hex((1 << 34) - 1))
+    assert last.returncode == 0 and json.loads(last.stdout)["pfns"][0]["memmap"] == "none"
+
+
+def test_pfn_of_2_to_the_70(tmp_path: Path) -> None:
+    snap = tmp_path / "s.json.gz"
+    snapshot_mod.save(build(["boot"]), snap)
+    assert_one_line_error(kmem("--snapshot", str(snap), "pfn", str(1 << 70)), "not a pfn")
+
+
+def test_pfn_phys(tmp_path: Path) -> None:
+    """--phys: physical addresses, as crash's kmem -p takes them; a range covers the pages it touches."""
+    snap = tmp_path / "s.json.gz"
+    snapshot_mod.save(build(["boot", "hot-online"]), snap)
+    one = kmem("--snapshot", str(snap), "--json", "pfn", "--phys", "0x8000123")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["pfns"][0]["pfn"] == 0x8000
+    span = kmem("--snapshot", str(snap), "--json", "pfn", "--phys", "0x7fff800-0x8000001")
+    runs = json.loads(span.stdout)["runs"]
+    assert (runs[0]["pfn_start"], runs[-1]["pfn_end"]) == (0x7FFF, 0x8001)
 
 
 def test_unknown_snapshot_version(tmp_path: Path) -> None:

@@ -164,6 +164,10 @@ def test_bash_protocol(entry_point: Path) -> None:
         "plain,--rules",
         "plain,--errors-only",
         "plain,--fail-on",
+        "plain,--json",  # the shared options every command takes (issue 14: before or after the command)
+        "plain,--color",
+        "plain,--no-color",
+        "plain,--debug",
         "plain,--help",
     ]
 

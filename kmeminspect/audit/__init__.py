@@ -239,6 +239,7 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
     findings.extend(disagreements(seg))
     for start, end, _ in grouped(seg, deferred, lambda r: 0):
         findings.append(find("deferred-init", start, end, "deferred struct page init has not reached these pfns"))
+    findings.extend(find("kernel-data-unreadable", 0, 0, note) for note in snapshot.unreadable)
     findings.sort(key=lambda f: (f.pfn_start, f.rule))
     return findings
 

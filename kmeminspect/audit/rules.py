@@ -160,6 +160,14 @@ RULES = [
         DUMP,
     ),
     Rule(
+        "kernel-data-unreadable",
+        WARNING,
+        "kernel memory the reader needed faulted (a page a filtered dump excluded, a structure freed during "
+        "a live read): what it held (memory blocks, page maps, zones...) was not read or checked",
+        "all",
+        DUMP,
+    ),
+    Rule(
         "proposal-disagrees",
         INFO,
         "pfn_to_online_page() and the proposed pfn_active()-based answer differ (grouped by cause)",

@@ -1,5 +1,6 @@
-"""The ``kmeminspect`` click group: the global options (the target, ``--json``, colour) and what every
-command shares: the :class:`Context` that opens the target, printing, and one-line errors."""
+"""The ``kmeminspect`` click group: the global options (the target, ``--json``, colour, ``--debug``) and
+what every command shares: the :class:`Context` that opens the target, printing, and the error boundary
+(:class:`~.boundary.Boundary`) every command runs inside."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import click
 from .. import snapshot as snapshot_mod
 from ..errors import KmemError, UsageError
 from ..state import Snapshot
+from .boundary import COLOUR_HELP, DEBUG_HELP, JSON_HELP, Boundary
 
 
 class Context:
@@ -40,7 +42,10 @@ class Context:
         from ..target import open_target
 
         self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
-        return read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
+        snap = read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
+        for note in snap.unreadable:  # the answer follows, from everything else; the audit has it as a finding
+            click.echo(f"kmeminspect: warning: {note}", err=True)
+        return snap
 
     def emit(self, data: dict[str, Any], table: Callable[[], str]) -> None:
         """Print a view: its JSON object with ``--json``, else its table."""
@@ -51,36 +56,22 @@ class Context:
 
 
 def fail(message: str) -> NoReturn:
-    """One line on stderr, exit 2."""
+    """One line on stderr, exit 2 (the boundary's way out for a command that has no exception to raise)."""
     click.echo(f"kmeminspect: {message}", err=True)
     sys.exit(2)
 
 
 def run(function: Callable[[], int | None]) -> None:
-    """Run a command's body: its return value is the exit status; kmeminspect's errors are one line, exit 2."""
+    """Run a command's body: its return value is the exit status. Its errors go to the boundary
+    (:class:`Boundary`); an interruption is one of them."""
     try:
         code = function()
-    except KmemError as error:
-        fail(str(error))
     except KeyboardInterrupt:
-        fail("interrupted")
+        raise KmemError("interrupted") from None
     sys.exit(code or 0)
 
 
-def number(option: str, text: str | None, kind: type[int] | type[float], minimum: float) -> Any:
-    """A numeric option parsed here, so a bad value ends in one line (not click's usage block)."""
-    if text is None:
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise UsageError(f"{option} {text}: not a{'n integer' if kind is int else ' number'}") from None
-    if value < minimum:
-        raise UsageError(f"{option} {text}: must be at least {minimum:g}")
-    return value
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Boundary, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--live", "kind", flag_value="live", default=True, help="The running kernel (/proc/kcore; root).")
 @click.option("--vmcore", "vmcore", metavar="PATH", help="A vmcore: ELF or kdump-compressed (also flattened).")
 @click.option("--qemu", "qemu", metavar="QMP_SOCKET", help="A live QEMU guest through its QMP socket.")
@@ -89,13 +80,9 @@ def number(option: str, text: str | None, kind: type[int] | type[float], minimum
 @click.option(
     "--vmcoreinfo", metavar="FILE", help="VMCOREINFO data for a vmcore without it (dumped during early boot)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option(
-    "--color/--no-color",
-    "colour",
-    default=None,
-    help="Colour the map (default: when stdout is a terminal and NO_COLOR is not set).",
-)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--color/--no-color", "colour", default=None, help=COLOUR_HELP)
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
 @click.version_option(package_name="kmeminspect")
 @click.pass_context
 def main(
@@ -108,13 +95,14 @@ def main(
     vmcoreinfo: str | None,
     as_json: bool,
     colour: bool | None,
+    debug: bool,
 ) -> None:
     """The truth about a Linux kernel's physical-memory bookkeeping during memory hotplug."""
     # drgn's own warnings (e.g. its hint on flattened kdump files) would break "one line on stderr"
     logging.getLogger("drgn").setLevel(logging.ERROR)
     chosen = [(k, v) for k, v in (("vmcore", vmcore), ("qemu", qemu), ("snapshot", snapshot_file)) if v]
     if len(chosen) > 1:
-        fail("choose one target: --live, --vmcore, --qemu or --snapshot")
+        raise UsageError("choose one target: --live, --vmcore, --qemu or --snapshot")
     kind, location = chosen[0] if chosen else ("live", None)
     ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json)
     if colour is None:
@@ -122,3 +110,5 @@ def main(
 
         colour = colour_by_default()
     ctx.obj.colour = colour
+    if debug and isinstance(ctx.command, Boundary):
+        ctx.command.debug = True

@@ -11,6 +11,7 @@ from .. import audit as audit_mod
 from .. import snapshot as snapshot_mod
 from .. import views
 from .group import Context, main, run
+from .types import PfnRange
 
 
 @main.command()
@@ -28,14 +29,24 @@ def blocks(obj: Context) -> None:
 
 
 @main.command()
-@click.argument("pfns")
+@click.argument("pfns", type=PfnRange(), metavar="PFN|START-END")
+@click.option("--phys", is_flag=True, help="PFNS are physical addresses (like crash's kmem -p): their pages.")
 @click.pass_obj
-def pfn(obj: Context, pfns: str) -> None:
-    """Explain PFN, or START-END (END exclusive) as runs of identical state."""
+def pfn(obj: Context, pfns: tuple[int, int, bool], phys: bool) -> None:
+    """Explain PFN, or START-END (END exclusive) as runs of identical state; decimal, or hex with 0x.
+
+    Any pfn the architecture can address gets an answer, beyond the highest present section too (not
+    present, no memmap). With --phys, ADDRESS or START-END are physical addresses: the pages holding them."""
 
     def body() -> None:
-        start, end, is_range = views.parse_pfns(pfns)
-        snap = obj.snapshot(pfn_range=(start, end))
+        start, end, is_range = pfns
+        if phys:
+            # x86_64 pages are at least 4 KiB: read enough, then convert with the kernel's own PAGE_SHIFT
+            snap = obj.snapshot(pfn_range=(start >> 12, -(-end >> 12)))
+            shift = snap.layout.page_shift
+            start, end = start >> shift, -(-end >> shift)
+        else:
+            snap = obj.snapshot(pfn_range=(start, end))
         obj.emit(*views.pfn_view(snap, start, end, is_range, obj.prog))
 
     run(body)

@@ -11,28 +11,42 @@ from typing import Any
 import click
 
 from ..errors import UsageError
-from .group import Context, main, number, run
+from .group import Context, main, run
+from .types import Integer, Number
 
 
 @main.command()
 @click.option("--blocks", "block_list", metavar="LIST", help="Blocks to cycle: numbers and ranges, e.g. 32-35,40.")
 @click.option("--all-hotpluggable", is_flag=True, help="Every block of unpluggable memory (ACPI DIMMs, dax kmem).")
 @click.option("--allow-kernel-zone", is_flag=True, help="Also online into kernel zones (may never offline again).")
-@click.option("--transitions", metavar="N", help="Stop after N transitions (default 100 without --duration).")
-@click.option("--duration", metavar="SECONDS", help="Stop after this long.")
+@click.option(
+    "--transitions", type=Integer(1), metavar="N", help="Stop after N transitions (default 100 without --duration)."
+)
+@click.option("--duration", type=Number(0.001), metavar="SECONDS", help="Stop after this long.")
 @click.option("--walkers", metavar="KINDS", help="Concurrent pfn walkers: kpageflags,compact,idle or all.")
-@click.option("--dimm-rounds", metavar="N", help="--qemu: DIMM add/remove rounds.")
+@click.option("--dimm-rounds", type=Integer(0), default=0, metavar="N", help="--qemu: DIMM add/remove rounds.")
 @click.option("--dimm-size", metavar="SIZE", default="128M", show_default=True, help="--qemu: size of each DIMM.")
 @click.option("--virtio-mem", metavar="ID", help="--qemu: the virtio-mem device to resize.")
-@click.option("--resizes", metavar="N", help="--qemu: virtio-mem resizes.")
+@click.option("--resizes", type=Integer(0), default=0, metavar="N", help="--qemu: virtio-mem resizes.")
 @click.option(
-    "--audit-every", metavar="N", default="50", show_default=True, help="Audit every N transitions; 0: never."
+    "--audit-every",
+    type=Integer(0),
+    metavar="N",
+    default=50,
+    show_default=True,
+    help="Audit every N transitions; 0: never.",
 )
 @click.option("--journal", metavar="PATH", help="Journal file (default /var/lib/kmeminspect/..., else /tmp/...).")
 @click.option("--restore", "restore_file", metavar="JOURNAL", help="Put back what a killed run changed.")
-@click.option("--timeout", metavar="SECONDS", default="60", show_default=True, help="Per-transition time limit.")
-@click.option("--seed", metavar="N", help="Seed of the random choices (default: random, printed).")
-@click.option("--json", "stress_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option(
+    "--timeout",
+    type=Number(0.001),
+    metavar="SECONDS",
+    default=60.0,
+    show_default=True,
+    help="Per-transition time limit.",
+)
+@click.option("--seed", type=Integer(0), metavar="N", help="Seed of the random choices (default: random, printed).")
 @click.option("--trace", "with_trace", is_flag=True, help="Live: run the tracer's pfn_active and races (bcc).")
 @click.option("--sysfs-root", default="/sys", hidden=True, help="Tests: a fake sysfs tree.")
 @click.option("--procfs-root", default="/proc", hidden=True, help="Tests: a fake procfs tree.")
@@ -42,19 +56,18 @@ def stress(
     block_list: str | None,
     all_hotpluggable: bool,
     allow_kernel_zone: bool,
-    transitions: str | None,
-    duration: str | None,
+    transitions: int | None,
+    duration: float | None,
     walkers: str | None,
-    dimm_rounds: str | None,
+    dimm_rounds: int,
     dimm_size: str,
     virtio_mem: str | None,
-    resizes: str | None,
-    audit_every: str,
+    resizes: int,
+    audit_every: int,
     journal: str | None,
     restore_file: str | None,
-    timeout: str,
-    seed: str | None,
-    stress_json: bool,
+    timeout: float,
+    seed: int | None,
     with_trace: bool,
     sysfs_root: str,
     procfs_root: str,
@@ -66,7 +79,7 @@ def stress(
     """
     from .. import stress as stress_mod
 
-    as_json = obj.as_json or stress_json
+    as_json = obj.as_json
     live_options = block_list or all_hotpluggable or allow_kernel_zone or transitions or duration or walkers
     qemu_options = dimm_rounds or virtio_mem or resizes
 
@@ -105,9 +118,9 @@ def stress(
                 "--qemu drives DIMMs and virtio-mem: --blocks, --walkers, --transitions, --trace... are live only"
             )
         limits = QemuLimits(
-            number("--dimm-rounds", dimm_rounds or "0", int, 0),
+            dimm_rounds,
             parse_size(dimm_size),
-            number("--resizes", resizes or "0", int, 0),
+            resizes,
             limit,
         )
         if not limits.dimm_rounds and not limits.resizes:
@@ -122,13 +135,13 @@ def stress(
         return emit_report(report.to_json(), report.error, report.exit_code())
 
     def body() -> int:
-        limit = number("--timeout", timeout, float, 0.001)
+        limit = timeout
         if restore_file:
             return restore(limit)
         if obj.kind not in ("live", "qemu"):
             raise UsageError("stress works on a running kernel: drop --vmcore/--snapshot")
-        every = number("--audit-every", audit_every, int, 0)
-        run_seed = number("--seed", seed, int, 0) if seed is not None else stress_mod.new_seed()
+        every = audit_every
+        run_seed = seed if seed is not None else stress_mod.new_seed()
         if obj.kind == "qemu":
             return qemu(limit, every, run_seed)
         if qemu_options:
@@ -136,8 +149,8 @@ def stress(
         chosen = stress_mod.parse_block_list(block_list) if block_list else None
         kinds = stress_mod.parse_walkers(walkers or "")
         limits = stress_mod.Limits(
-            number("--transitions", transitions, int, 1),
-            number("--duration", duration, float, 0.001),
+            transitions,
+            duration,
             limit,
         )
         if limits.transitions is None and limits.duration is None:
@@ -146,7 +159,10 @@ def stress(
         plan = stress_mod.plan_blocks(sysfs, chosen, all_hotpluggable, allow_kernel_zone)
         source = stress_mod.LiveAudit(obj.vmlinux) if every else None
         path = journal_path()
-        stops = [f"{limits.transitions} transitions" if limits.transitions else "", f"{duration} s" if duration else ""]
+        stops = [
+            f"{limits.transitions} transitions" if limits.transitions else "",
+            f"{duration:g} s" if duration else "",
+        ]
         lines = [
             f"audit: every {every} transitions (baseline first; a new error is confirmed by a second read)"
             if every

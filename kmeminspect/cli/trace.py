@@ -10,12 +10,12 @@ from typing import Any
 import click
 
 from ..errors import UsageError
-from ..views import parse_pfns
 from .group import Context, main, run
+from .types import Integer, Number, PfnRange
 
 
 @main.command(context_settings={"allow_interspersed_args": False})
-@click.option("--duration", type=float, metavar="SECONDS", help="Stop after this long (default: Ctrl-C).")
+@click.option("--duration", type=Number(0.001), metavar="SECONDS", help="Stop after this long (default: Ctrl-C).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write events and summary as JSON lines.")
 @click.option("--events/--no-events", default=True, show_default=True, help="Print the lifecycle timeline.")
 @click.option("--callers/--no-callers", default=True, show_default=True, help="Count pfn_to_online_page() callers.")
@@ -23,12 +23,18 @@ from .group import Context, main, run
 @click.option("--exact-stacks", is_flag=True, help="Unwind every call's stack instead of reusing stack ids.")
 @click.option("--active/--no-active", default=True, show_default=True, help="Report pages handed out inactive.")
 @click.option("--races", is_flag=True, help="Report invalidations of pages a task still holds (every syscall exit).")
-@click.option("--verify-every", type=int, default=256, show_default=True, help="Unwind every N-th reused stack.")
-@click.option("--hold-window-ms", type=float, default=10.0, show_default=True, help="How long a kthread holds.")
-@click.option("--top", type=int, default=10, show_default=True, help="Callers shown.")
+@click.option("--verify-every", type=Integer(1), default=256, show_default=True, help="Unwind every N-th reused stack.")
+@click.option("--hold-window-ms", type=Number(0), default=10.0, show_default=True, help="How long a kthread holds.")
+@click.option("--top", type=Integer(0), default=10, show_default=True, help="Callers shown.")
 @click.option("--folded", type=click.Path(dir_okay=False), help="Write caller stacks folded, for flame graphs.")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="Summarise a trace saved by -o.")
-@click.option("--inject-inactive", hidden=True, metavar="START-END", help="Self-test: mark pfns inactive at start.")
+@click.option(
+    "--inject-inactive",
+    type=PfnRange(),
+    hidden=True,
+    metavar="START-END",
+    help="Self-test: mark pfns inactive at start.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def trace(
@@ -46,7 +52,7 @@ def trace(
     top: int,
     folded: str | None,
     report_file: str | None,
-    inject_inactive: str | None,
+    inject_inactive: tuple[int, int, bool] | None,
     command: tuple[str, ...],
 ) -> None:
     """Watch memory hotplug live (bcc; root): lifecycle, pfn_to_online_page() callers, a live pfn_active.
@@ -81,10 +87,7 @@ def trace(
             verify_every=verify_every,
             hold_window_ms=hold_window_ms,
         )
-        injected = None
-        if inject_inactive:
-            start, end, _ = parse_pfns(inject_inactive)
-            injected = (start, end)
+        injected = inject_inactive[:2] if inject_inactive else None
         snap = obj.snapshot(device_memmap_only=True)  # the seed needs page content of device ranges only
 
         def on_event(event: dict[str, Any]) -> None:

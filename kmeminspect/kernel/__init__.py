@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
-from drgn import Program, ProgramFlags
+from drgn import FaultError, Program, ProgramFlags
 
 from ..errors import ReadError
-from ..state import MEMMAP_NONE, MEMMAP_READ, Snapshot, merge_runs, uniform_run
+from ..state import MEMMAP_NONE, MEMMAP_READ, Claim, Node, Pagemap, Resource, Snapshot, Zone, merge_runs, uniform_run
 from .blocks import read_blocks
 from .claims import read_claims, read_online_page_callback
 from .layout import read_layout
@@ -21,6 +22,7 @@ from .sections import read_sections
 from .zones import read_nodes_and_zones
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 def check_flags_layout(snapshot: Snapshot) -> None:
@@ -51,6 +53,16 @@ def program_source(prog: Program) -> dict[str, object]:
     return {"kind": "live" if path == "/proc/kcore" else "qemu", "path": path}
 
 
+def _or_note(what: str, read: Callable[[], T], otherwise: T, unreadable: list[str]) -> T:
+    """``read()``, or ``otherwise`` with a line in ``unreadable`` when kernel memory faults: a filtered dump
+    lacks the page, or a live kernel freed it during the read."""
+    try:
+        return read()
+    except FaultError as error:
+        unreadable.append(f"{what}: not readable ({error.message} at {error.address:#x})")
+        return otherwise
+
+
 def read_snapshot(
     prog: Program,
     source: dict[str, object] | None = None,
@@ -64,12 +76,18 @@ def read_snapshot(
     ``device_memmap_only``, only that of sections holding ZONE_DEVICE ranges (what the tracer's seed needs
     of page content). The others get one "not read" run each (MEMMAP_NONE) and the layout cross-check is
     skipped. ``source`` describes the target in the snapshot; by default :func:`program_source`.
+
+    The layout and the sections are needed for anything; a fault reading them is raised. A fault in any
+    other registry (a page a filtered dump excluded, a structure freed during a live read) costs only
+    what it holds: the snapshot's ``unreadable`` says what was not read, and the rest is answered.
     """
     layout, fmt = read_layout(prog)
     sections = read_sections(prog, layout)
-    pagemaps = read_pagemaps(prog, layout)
-    nodes, zones = read_nodes_and_zones(prog)
-    blocks = read_blocks(prog, layout)
+    unreadable: list[str] = []
+    pagemaps: list[Pagemap] = _or_note("device page maps", lambda: read_pagemaps(prog, layout), [], unreadable)
+    no_nodes: tuple[list[Node], list[Zone]] = ([], [])
+    nodes, zones = _or_note("nodes and zones", lambda: read_nodes_and_zones(prog), no_nodes, unreadable)
+    blocks = read_blocks(prog, layout, unreadable)
     reader = MemmapReader(prog, layout, fmt)
     parts = []
     wanted = [pfn_range] if pfn_range else []
@@ -91,12 +109,15 @@ def read_snapshot(
         pagemaps=pagemaps,
         zones=zones,
         nodes=nodes,
-        resources=read_resources(prog),
+        resources=_or_note("iomem resources", lambda: read_resources(prog), list[Resource](), unreadable),
         runs=merge_runs(parts),
-        claims=read_claims(prog),
-        online_page_callback=read_online_page_callback(prog),
+        claims=_or_note("kexec image pages", lambda: read_claims(prog), list[Claim](), unreadable),
+        online_page_callback=_or_note(
+            "online_page_callback", lambda: read_online_page_callback(prog), None, unreadable
+        ),
+        unreadable=unreadable,
     )
-    if not wanted:
+    if not wanted and not unreadable:
         check_flags_layout(snapshot)
     snapshot.pgmap_pointers = describe_pgmap_pointers(
         prog, _unexplained_pgmaps(snapshot), {p.address for p in pagemaps}

@@ -39,11 +39,15 @@ def _online_types(prog: Program) -> dict[int, str]:
     return {e.value: e.name for e in enum_type.enumerators or ()}
 
 
-def read_blocks(prog: Program, layout: Layout) -> list[Block]:
+def read_blocks(prog: Program, layout: Layout, unreadable: list[str] | None = None) -> list[Block]:
     """Every ``struct memory_block`` of the ``memory_blocks`` xarray (the sysfs ``memoryN`` devices): its
     pfn range, state, online type, node, zone, and the pages of its memmap it hosts itself (memmap_on_memory).
 
-    The self-hosted memmap is ``nr_vmemmap_pages`` before v6.6 and ``altmap->free`` since (1a8c64e11043)."""
+    The self-hosted memmap is ``nr_vmemmap_pages`` before v6.6 and ``altmap->free`` since (1a8c64e11043).
+
+    Kernel memory that faults (a page a filtered dump excluded, a block removed during a live read) costs
+    only the blocks behind it: the others are returned, and ``unreadable`` gets one line saying what was
+    not read (without ``unreadable``, the fault is raised)."""
     try:
         registry = prog["memory_blocks"]
     except KeyError:
@@ -58,8 +62,9 @@ def read_blocks(prog: Program, layout: Layout) -> list[Block]:
     has_altmap = block_type.has_member("altmap")
     has_online_type = block_type.has_member("online_type")
     zone_names: dict[int, str] = {}  # a zone's name by its address: most blocks share a few zones
-    blocks = []
-    for block_id, entry in xa_for_each(registry.address_of_()):
+
+    def one(entry: drgn.Object, block_id: int) -> Block:
+        """One ``struct memory_block`` of the xarray."""
         mem = drgn.cast("struct memory_block *", entry)
         state = mem.state.value_()
         zone_name = None
@@ -79,16 +84,37 @@ def read_blocks(prog: Program, layout: Layout) -> list[Block]:
             # boot memory was never onlined through the block: its online_type stays MMOP_OFFLINE (0)
             recorded = online_types.get(mem.online_type.value_())
             online_type = None if recorded == "MMOP_OFFLINE" else recorded
-        blocks.append(
-            Block(
-                id=int(block_id),
-                start_pfn=mem.start_section_nr.value_() * pages_per_section,
-                nr_pages=sections_per_block * pages_per_section,
-                state=state_names.get(state, f"unknown({state:#x})"),
-                online_type=online_type,
-                nid=mem.nid.value_(),
-                zone=zone_name,
-                nr_vmemmap_pages=vmemmap,
-            )
+        return Block(
+            id=int(block_id),
+            start_pfn=mem.start_section_nr.value_() * pages_per_section,
+            nr_pages=sections_per_block * pages_per_section,
+            state=state_names.get(state, f"unknown({state:#x})"),
+            online_type=online_type,
+            nid=mem.nid.value_(),
+            zone=zone_name,
+            nr_vmemmap_pages=vmemmap,
+        )
+
+    blocks: list[Block] = []
+    skipped: list[str] = []
+    try:
+        for block_id, entry in xa_for_each(registry.address_of_()):
+            try:
+                blocks.append(one(entry, block_id))
+            except drgn.FaultError as error:
+                if unreadable is None:
+                    raise
+                skipped.append(f"block {int(block_id)} ({error.message} at {error.address:#x})")
+    except drgn.FaultError as error:
+        if unreadable is None:
+            raise
+        skipped.append(
+            f"the memory_blocks xarray past block {blocks[-1].id if blocks else -1} "
+            f"({error.message} at {error.address:#x})"
+        )
+    if skipped and unreadable is not None:
+        unreadable.append(
+            f"memory blocks: {len(blocks)} read; not readable: {'; '.join(skipped[:4])}"
+            + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
         )
     return sorted(blocks, key=lambda b: b.id)

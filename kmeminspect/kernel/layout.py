@@ -162,10 +162,23 @@ def pfn_to_online_page_kind(prog: Program) -> str:
     return "taint-pgmap" if "SECTION_TAINT_ZONE_DEVICE" in flags else "online-section"
 
 
+def max_physmem_bits(prog: Program) -> int | None:
+    """MAX_PHYSMEM_BITS: VMCOREINFO's NUMBER(MAX_PHYSMEM_BITS) (since v5.9), else from the paging the kernel
+    set up (x86_64: 52 with 5-level paging, ``__pgtable_l5_enabled``, else 46); None if neither is there."""
+    number = _vmcoreinfo_number(prog, "MAX_PHYSMEM_BITS")
+    if number is not None:
+        return number
+    try:
+        return 52 if prog["__pgtable_l5_enabled"].value_() else 46
+    except (KeyError, drgn.FaultError):
+        return None
+
+
 def read_layout(prog: Program) -> tuple[Layout, PageFormat]:
     """The constants every other reader needs: release, ``PAGE_SHIFT``, ``SECTION_SIZE_BITS``, the subsection
     shift, the zone names (and ZONE_DEVICE's index), the section flag bits, ``enum pageflags``, ``vmemmap``,
-    ``max_pfn``, the ``pfn_to_online_page()`` variant, and how a ``struct page`` is laid out."""
+    ``max_pfn``, the ``pfn_to_online_page()`` variant, ``MAX_PHYSMEM_BITS``, and how a ``struct page`` is
+    laid out."""
     try:
         release = prog["UTS_RELEASE"].string_().decode()
     except KeyError:
@@ -187,5 +200,6 @@ def read_layout(prog: Program) -> tuple[Layout, PageFormat]:
         vmemmap_base=prog["vmemmap"].value_(),
         max_pfn=prog["max_pfn"].value_(),
         pfn_to_online_page=pfn_to_online_page_kind(prog),
+        max_physmem_bits=max_physmem_bits(prog),
     )
     return layout, fmt

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import schema
 from ..errors import KmemError, UsageError
+from ..files import fsync_directory
+from ..schema import written_by
 
 JOURNAL_FORMAT = "kmeminspect-stress-journal"
 JOURNAL_VERSION = 1
@@ -49,23 +52,31 @@ class Journal:
 
     @classmethod
     def create(cls, path: Path, header: dict[str, Any]) -> Journal:
+        """A new journal holding ``header``: written to a temporary file, fsync'd, then linked to ``path`` (never
+        over an existing file), so a run killed while creating it leaves a whole journal or none."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        except FileExistsError:
-            raise UsageError(
-                f"--journal {path}: exists (a journal is never overwritten: choose another path)"
-            ) from None
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except OSError as error:
-            raise KmemError(f"--journal {path}: cannot create: {error.strerror}") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        journal = cls(path, fd)
-        journal._write({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, **header})
-        # the file's directory entry too: a journal must survive a crash right after the first change
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            raise KmemError(f"--journal {path}: cannot create: {error.strerror}; choose a writable path") from None
         try:
-            os.fsync(directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the lock is the inode's: it holds under the final name too
+            journal = cls(path, fd)
+            journal._write({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "written_by": written_by(), **header})
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise UsageError(
+                    f"--journal {path}: exists (a journal is never overwritten: choose another path)"
+                ) from None
+            except OSError as error:
+                raise KmemError(f"--journal {path}: cannot create: {error.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
         finally:
-            os.close(directory)
+            os.unlink(tmp)
+        # the file's directory entry too: a journal must survive a crash right after the first change
+        fsync_directory(path.parent)
         return journal
 
     @classmethod
@@ -110,22 +121,27 @@ class Journal:
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The header and the events of a journal; a last line cut short by a crash is dropped."""
+    """The header and the events of a journal, checked against the journal's schema (:mod:`..schema`); a
+    last line cut short by a crash is dropped."""
     try:
         lines = path.read_bytes().splitlines()
     except OSError as error:
         raise KmemError(f"--restore {path}: {error.strerror}") from None
-    records: list[dict[str, Any]] = []
+    records: list[Any] = []
     for number, line in enumerate(lines):
         try:
             records.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             if number == len(lines) - 1 and number > 0:
                 break  # the write a SIGKILL or crash cut short
             raise UsageError(f"--restore {path}: line {number + 1} is not JSON (not a stress journal?)") from None
-    if not records or records[0].get("format") != JOURNAL_FORMAT:
+    if not records or not isinstance(records[0], dict) or records[0].get("format") != JOURNAL_FORMAT:
         raise UsageError(f"--restore {path}: not a kmeminspect stress journal")
     version = records[0].get("version")
     if version != JOURNAL_VERSION:
-        raise UsageError(f"--restore {path}: journal version {version} is not supported (this kmeminspect reads 1)")
+        raise schema.newer(f"--restore {path}", "journal version", version, (JOURNAL_VERSION,), records[0])
+    for number, record in enumerate(records[1:], 2):
+        if not isinstance(record, dict):
+            raise UsageError(f"--restore {path}: line {number} is not a journal record; the journal is damaged")
+    schema.check_journal(records[0], records[1:], f"--restore {path}")
     return records[0], records[1:]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .. import schema
 from ..errors import UsageError
 from ..signals import Signals
 from ..state import Snapshot
@@ -59,6 +60,7 @@ def run(
                 header = {
                     "type": "trace",
                     "format": FORMAT,
+                    "written_by": schema.written_by(),
                     "release": snapshot.layout.release,
                     "options": vars(options),
                     "probes": session.attached,
@@ -96,27 +98,35 @@ def run(
 
 
 def read_trace(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
-    """A saved trace (``trace --output``): its header, its events, its summary (None if it was cut short)."""
+    """A saved trace (``trace --output``): its header, its events, its summary (None if it was cut short).
+    Every line is checked against the trace file's schema (:mod:`kmeminspect.schema`) before it is used."""
     header: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
     summary = None
     try:
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+                    record = json.loads(raw.decode())
+                except (UnicodeDecodeError, ValueError, RecursionError):
                     raise UsageError(f"{path}:{number}: not a JSON line: is this a kmeminspect trace?") from None
                 kind = record.get("type") if isinstance(record, dict) else None
+                kind = kind if isinstance(kind, str) else None
+                if kind == "trace" and record.get("format") != FORMAT:
+                    raise schema.newer(str(path), "trace format", record.get("format"), (FORMAT,), record)
+                if kind is not None:
+                    schema.check_trace_record(record, f"{path}:{number}")
                 if kind == "trace":
                     header = record
                 elif kind == "event":
                     events.append(record)
                 elif kind == "summary":
                     summary = record
+    except IsADirectoryError:
+        raise UsageError(f"{path}: a directory, not a trace file") from None
     except OSError as error:
         raise UsageError(f"{path}: {error.strerror}") from None
-    if header is None or header.get("format") != FORMAT:
+    if header is None:
         raise UsageError(f"{path}: not a kmeminspect trace of format {FORMAT} (written by trace --output)")
     return header, events, summary
 

@@ -147,6 +147,7 @@ def _build_base() -> tuple[Path, float]:
                 path.unlink()
     seconds = time.monotonic() - start
     (tmp / ".kmi-complete").write_text(json.dumps({"debootstrap_seconds": seconds}))
+    _remove_tree(out)  # a tree without the completion mark (an interrupted build) is not a base
     tmp.rename(out)
     log(f"rootfs: base built in {seconds:.0f}s")
     for stale in out.parent.glob("base-*"):
