@@ -358,7 +358,11 @@ JOURNAL_HEADER = obj(
 JOURNAL_LIVE = obj(
     {"sysfs": string(), "blocks": mapping(obj({"state": string()}, {"zone": string()}))},
 )
-JOURNAL_QEMU = obj({"qmp": string(), "prefix": string()}, {"virtio_mem": string()})
+#: the QEMU driver's header: its virtio-mem device as it was before the run, to put back
+JOURNAL_QEMU = obj(
+    {"qmp": string(), "prefix": string()},
+    {"virtio_mem": obj({"id": string(), "requested_size": integer(0)})},
+)
 
 
 def _block_or_device(value: Any, where: str) -> None:

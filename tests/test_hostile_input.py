@@ -294,6 +294,24 @@ def test_journal_with_a_block_of_the_wrong_type(tmp_path: Path) -> None:
         read_journal(write_journal(tmp_path / "j", records))
 
 
+def test_qemu_journal_as_the_qemu_driver_writes_it(tmp_path: Path) -> None:
+    """The QEMU driver's header keeps its virtio-mem device (id, requested size) to put it back."""
+    header = {
+        "format": JOURNAL_FORMAT,
+        "version": JOURNAL_VERSION,
+        "mode": "qemu",
+        "pid": 1,
+        "qmp": "/nonexistent/qmp.sock",
+        "prefix": "kmi-stress",
+        "virtio_mem": {"id": "vmem0", "requested_size": 209715200},
+    }
+    read_header, _ = read_journal(write_journal(tmp_path / "j", [header]))
+    assert read_header["virtio_mem"] == {"id": "vmem0", "requested_size": 209715200}
+    header["virtio_mem"] = {"id": "vmem0", "requested_size": "big"}
+    with pytest.raises(KmemError, match="virtio_mem.requested_size"):
+        read_journal(write_journal(tmp_path / "j", [header]))
+
+
 JOURNAL = journal_lines()
 
 
