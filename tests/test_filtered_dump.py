@@ -55,13 +55,16 @@ def test_makedumpfile_d31_dump_answers_what_it_can(
     assert set(read) <= set(sysfs)
     for block_id, block in read.items():
         assert block["state"] == sysfs[block_id]["state"], block_id
-    if set(read) != set(sysfs):  # what it could not read, it says
-        assert len(warnings) == 1 and warnings[0].startswith("kmeminspect: warning: memory blocks:"), warnings
+    # what it could not read, it says: one warning line per structure (which ones a filter drops depends
+    # on where the guest's allocations landed)
+    assert all(w.startswith("kmeminspect: warning: ") for w in warnings), warnings
+    if set(read) != set(sysfs):
+        assert any(w.startswith("kmeminspect: warning: memory blocks:") for w in warnings), warnings
     audit = subprocess.run([*base, "--json", "audit"], capture_output=True, text=True, timeout=600, env=env)
     assert audit.returncode in (0, 1), audit.stderr
     findings = json.loads(audit.stdout)["findings"]
     unreadable = [f for f in findings if f["rule"] == "kernel-data-unreadable"]
-    assert bool(unreadable) == (set(read) != set(sysfs))
+    assert len(unreadable) == len(warnings)
     assert all(f["category"] == "dump" for f in unreadable)
     sections = subprocess.run([*base, "sections"], capture_output=True, text=True, timeout=600, env=env)
     assert sections.returncode == 0 and sections.stdout.strip(), sections.stderr
