@@ -112,7 +112,8 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
     # a deferred pfn's memmap is not initialized yet: its content (zone, node) means nothing. The boot
     # memmap is allocated raw (memblock), so it may hold leftovers rather than zeros (seen under SeaBIOS).
     outside = p2op & ((inactive & np.uint32(bits["outside-zone-span"])) != 0) & ((inactive & insane) == 0) & ~deferred
-    outside &= ~invalid_node(snapshot, seg)  # page-node-invalid says more
+    invalid = invalid_node(snapshot, seg)
+    outside &= ~invalid  # page-node-invalid says more
     for start, end, (zone_id, nid, reserved) in grouped(
         seg, outside, lambda r: (int(r["zone_id"]), int(r["nid"]), int(r["reserved"]))
     ):
@@ -202,7 +203,7 @@ def audit(snapshot: Snapshot, seg: np.ndarray | None = None) -> list[Finding]:
     findings.extend(section_findings(snapshot))
     findings.extend(taint_findings(snapshot))
     findings.extend(block_findings(snapshot, seg))
-    findings.extend(node_findings(snapshot, seg))
+    findings.extend(node_findings(snapshot, seg, invalid))
 
     data = (
         (seg["pfn_to_device_page"] == 1)

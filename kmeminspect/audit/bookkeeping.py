@@ -138,16 +138,15 @@ def block_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
         )
 
 
-def node_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
+def node_findings(snapshot: Snapshot, seg: np.ndarray, invalid: np.ndarray) -> Iterator[Finding]:
     """``page-node-invalid`` and ``page-node-block-mismatch``: the node stored in initialized pages.
 
     A node id no online node has also makes the page fall outside every zone span (so never active): the
     first rule judges pages the kernel treats as initialized (online section or registered device pfn)
-    whose content reads as written by it, however their node reads."""
+    whose content reads as written by it, however their node reads (``invalid``: :func:`invalid_node`)."""
     active = seg["pfn_active"] == 1
     nids = np.array(sorted(n.nid for n in snapshot.nodes), dtype=np.int64)
     if nids.size:
-        invalid = invalid_node(snapshot, seg)
         for start, end, nid in grouped(seg, invalid, lambda r: int(r["nid"])):
             yield find(
                 "page-node-invalid",
@@ -166,8 +165,7 @@ def node_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
     has_block = ids[where] == seg["block"]
     expected = np.where(has_block, values[where], -1)
     wrong = active & (seg["proposed_online"] == 1) & has_block & (seg["nid"].astype(np.int64) != expected)
-    if nids.size:
-        wrong &= np.isin(seg["nid"].astype(np.int64), nids)  # already page-node-invalid
+    wrong &= ~invalid  # already page-node-invalid
     for start, end, (block_id, nid) in grouped(seg, wrong, lambda r: (int(r["block"]), int(r["nid"]))):
         yield find(
             "page-node-block-mismatch",
@@ -220,15 +218,15 @@ def withheld_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
     """
     flags = snapshot.layout.section_flags
     early = (seg["section_flags"] & np.uint64(flags.get("SECTION_IS_EARLY", 0))) != 0
-    marked = (seg["reserved"] == 1) | (seg["offline"] == 1)
-    candidate = (seg["proposed_online"] == 1) & ~early & marked & (seg["self_hosted"] == 0)
+    # PageOffline is explained by definition (a driver owns the page): only PG_reserved is a candidate
+    candidate = (seg["proposed_online"] == 1) & ~early & (seg["reserved"] == 1) & (seg["offline"] == 0)
+    candidate &= seg["self_hosted"] == 0
     starts = seg["pfn_start"]
     for a, b in _driver_managed(snapshot):
         candidate &= ~((starts >= a) & (starts < b))
     for block in snapshot.blocks:
         if block.nr_vmemmap_pages:
             candidate &= ~((starts >= block.start_pfn) & (starts < block.start_pfn + block.nr_vmemmap_pages))
-    candidate &= seg["offline"] == 0
     callback = snapshot.online_page_callback
     if callback is not None and callback != GENERIC_ONLINE_PAGE:
         return  # a driver decides which pages of what it onlines go to the buddy
@@ -241,13 +239,13 @@ def withheld_findings(snapshot: Snapshot, seg: np.ndarray) -> Iterator[Finding]:
         f"online_page_callback is {callback or 'unknown'}",
         f"no kexec image page ({len(snapshot.claims)} claimed ranges)",
     ]
-    for start, end, reserved in grouped(seg, candidate, lambda r: int(r["reserved"])):
+    for start, end, _ in grouped(seg, candidate, lambda r: 0):
         yield find(
             "hotplugged-page-withheld",
             start,
             end,
             "online hotplugged pages still marked PG_reserved (" + "; ".join(ruled_out) + ")",
-            marks=["PG_reserved"] if reserved else [],
+            marks=["PG_reserved"],
             ruled_out=ruled_out,
         )
 

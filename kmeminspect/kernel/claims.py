@@ -15,7 +15,7 @@ IND_INDIRECTION, IND_DONE, IND_SOURCE = 0x2, 0x4, 0x8
 MAX_KIMAGE_ENTRIES = 1 << 22
 
 
-def _page_list(prog: Program, head: drgn.Object, owner: str) -> list[Claim]:
+def _page_list(head: drgn.Object, owner: str) -> list[Claim]:
     """The pages of a kimage page list (linked by page->lru, each an order-``page_private`` allocation)."""
     claims = []
     for page in list_for_each_entry("struct page", head.address_of_(), "lru"):
@@ -59,7 +59,7 @@ def read_claims(prog: Program) -> list[Claim]:
             continue
         for member in ("control_pages", "dest_pages", "unusable_pages"):
             if image.type_.type.has_member(member):
-                claims.extend(_page_list(prog, getattr(image, member), f"{name} {member[:-6]} page"))
+                claims.extend(_page_list(getattr(image, member), f"{name} {member[:-6]} page"))
         claims.extend(_entry_pages(prog, image, name))
     return _merged(claims)
 
