@@ -1,5 +1,5 @@
 """The ``kmeminspect`` command: parsing and printing only. Reading is in kernel/, meaning in model.py and
-audit.py, the views every front end prints in views.py.
+audit/, the views every front end prints in views.py.
 
 One module per command group, each registering its commands on the group of :mod:`.group`:
 :mod:`.inspection` (sections, blocks, pfn, audit, map, snapshot, diff, doctor), :mod:`.stress`,
