@@ -38,7 +38,9 @@ def test_pip_install_gives_the_command_bpf_sources_and_plugin(tmp_path: Path) ->
         "print(kmeminspect.__file__); print(p.bpf_dir());"
         "print([e.value for e in m.entry_points(group='drgn.plugins') if e.name == 'kmeminspect'])"
     )
-    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    # isolated (-I): no PYTHONPATH, user site or working directory of whoever runs the tests may
+    # shadow what pip installed into the environment
+    out = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     package, bpf, plugins = out.splitlines()
     assert Path(package).is_relative_to(env_dir), package
     assert Path(bpf) == env_dir / "share" / "kmeminspect" / "bpf"
