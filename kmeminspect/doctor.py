@@ -26,18 +26,6 @@ class Check:
     fix: str | None
 
 
-def _debug_info(release: str) -> Path | None:
-    for path in (
-        f"/usr/lib/debug/boot/vmlinux-{release}",
-        f"/usr/lib/debug/lib/modules/{release}/vmlinux",
-        f"/lib/modules/{release}/build/vmlinux",
-        f"/boot/vmlinux-{release}",
-    ):
-        if Path(path).is_file():
-            return Path(path)
-    return None
-
-
 NT_GNU_BUILD_ID = 3
 PT_NOTE = 4
 #: the oldest drgn with what kmeminspect uses (pyproject's dependency; `make test` runs the fast tests on it,
@@ -85,19 +73,49 @@ def running_build_id() -> str | None:
 
 
 def _debug_info_check(release: str, vmlinux: Path | None) -> tuple[bool, str, str]:
-    """(ok, what was found, the fix) for the running kernel's debug info (``vmlinux``: --vmlinux)."""
+    """(ok, what was found, the fix) for ``--vmlinux``: its build id against the running kernel's."""
     fix = f"apt-get install linux-image-{release}-dbg, or pass --vmlinux with this build's vmlinux"
-    path = vmlinux if vmlinux is not None else _debug_info(release)
-    if path is None:
-        return False, f"none for {release}", fix
-    if not path.is_file():
-        return False, f"{path}: no such file", fix
-    theirs, ours = vmlinux_build_id(path), running_build_id()
+    assert vmlinux is not None
+    if not vmlinux.is_file():
+        return False, f"{vmlinux}: no such file", fix
+    theirs, ours = vmlinux_build_id(vmlinux), running_build_id()
     if theirs is None:
-        return False, f"{path}: no build id (not a vmlinux?)", fix
+        return False, f"{vmlinux}: no build id (not a vmlinux?)", fix
     if ours is not None and theirs != ours:
-        return False, f"{path}: build id {theirs}, running kernel {ours}", fix
-    return True, f"{path} (build id {theirs}{' matches' if ours else ''})", fix
+        return False, f"{vmlinux}: build id {theirs}, running kernel {ours}", fix
+    return True, f"{vmlinux} (build id {theirs}{' matches' if ours else ''})", fix
+
+
+def _types_checks(release: str, vmlinux: Path | None, btf: Path | None) -> list[tuple[str, bool, str, str, str]]:
+    """The ``debug info`` and ``types`` rows: drgn itself is asked (the running kernel is opened as every
+    ``--live`` command opens it: --vmlinux, else the debug info drgn finds, its debuginfod included where
+    drgn has it, else the kernel's BTF), so what doctor says is what the commands will do."""
+    install = f"apt-get install linux-image-{release}-dbg, or pass --vmlinux with this build's vmlinux"
+    needed = "DWARF mode (optional: the kernel's BTF needs no debug package)"
+    rows = []
+    if vmlinux is not None:
+        ok, found, fix = _debug_info_check(release, vmlinux)
+        rows.append(("debug info", ok, found, "--live with --vmlinux", fix))
+    if os.geteuid() != 0:
+        rows.append(("types", False, "cannot open the running kernel to tell (not root)", "--live", "run as root"))
+        return rows
+    if not os.path.exists("/proc/kcore"):
+        rows.append(("types", False, "no /proc/kcore to open", "--live", "use --vmcore or --qemu"))
+        return rows
+    from .errors import TargetError
+    from .target import live_types
+
+    try:
+        mode, where = live_types(vmlinux, btf)
+    except TargetError as error:
+        rows.append(("types", False, str(error), "--live", install))
+        return rows
+    if vmlinux is None:
+        found = where if mode == "dwarf" else f"drgn finds none for {release}"
+        rows.append(("debug info", mode == "dwarf", found, needed, install))
+    later = "--vmcore, --qemu: DWARF with --vmlinux or when drgn finds that build's, else the kernel's own BTF"
+    rows.append(("types", True, f"--live: {mode.upper()} ({where}); {later}", "every command reading a kernel", ""))
+    return rows
 
 
 def _bcc_check() -> tuple[bool, str, str]:
@@ -114,8 +132,9 @@ def _bcc_check() -> tuple[bool, str, str]:
     return False, "not installed", "apt-get install python3-bpfcc bpfcc-tools"
 
 
-def checks(vmlinux: Path | None = None) -> list[Check]:
-    """Each thing a command needs, found or missing (``vmlinux``: the --vmlinux the user passed)."""
+def checks(vmlinux: Path | None = None, btf: Path | None = None) -> list[Check]:
+    """Each thing a command needs, found or missing (``vmlinux``, ``btf``: the --vmlinux, --btf the user
+    passed)."""
     release = platform.release()
     result = []
 
@@ -131,8 +150,8 @@ def checks(vmlinux: Path | None = None) -> list[Check]:
         "--live",
         "boot a kernel with CONFIG_PROC_KCORE=y, or use --vmcore / --qemu",
     )
-    ok, found, fix = _debug_info_check(release, vmlinux)
-    add("debug info", ok, found, "--live", fix)
+    for row in _types_checks(release, vmlinux, btf):
+        add(*row)
     try:
         from .target import drgn_version
 
@@ -161,18 +180,18 @@ def checks(vmlinux: Path | None = None) -> list[Check]:
         "trace",
         "a kernel with CONFIG_KPROBES=y and CONFIG_KPROBE_EVENTS=y",
     )
-    btf = os.path.exists("/sys/kernel/btf/vmlinux")
+    has_btf = os.path.exists("/sys/kernel/btf/vmlinux")
     add(
         "BTF",
-        btf,
-        "/sys/kernel/btf/vmlinux" if btf else "absent",
-        "trace (fentry/fexit)",
+        has_btf,
+        "/sys/kernel/btf/vmlinux" if has_btf else "absent",
+        "reading without a debug package; trace (fentry/fexit)",
         "a kernel with CONFIG_DEBUG_INFO_BTF=y",
     )
     hookable = tracefs is not None and _ftrace_can_hook("pfn_to_online_page")
     add(
         "fentry",
-        btf and hookable,
+        has_btf and hookable,
         "pfn_to_online_page in available_filter_functions" if hookable else "pfn_to_online_page not hookable",
         "trace (faster caller and race probes; kprobes otherwise)",
         "a kernel with CONFIG_DEBUG_INFO_BTF=y and CONFIG_DYNAMIC_FTRACE=y",

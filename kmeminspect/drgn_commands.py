@@ -57,16 +57,19 @@ def _show(subcommand: str, as_json: bool, make_view: Callable[[], View]) -> None
 
 
 def _read(prog: Program, pfn_range: tuple[int, int] | None = None) -> Snapshot:
-    """Read the program's bookkeeping now (a live kernel changes between commands, so nothing is kept)."""
-    from .errors import TargetError
+    """Read the program's bookkeeping now (a live kernel changes between commands, so nothing is kept).
+
+    A session without the kernel's debug info gets the kernel's own BTF and kallsyms added to its finders,
+    once (docs/btf.md): what it could already find stays as it was."""
     from .kernel import read_snapshot
+    from .target import attach_kernel_btf, types_mode
 
     try:
         missing = prog.main_module().wants_debug_file()
     except LookupError:  # drgn made no module for the kernel (--no-default-symbols): no debug info either
         missing = True
-    if missing:
-        raise TargetError("no debug info for the kernel: start drgn with -s VMLINUX (this build's vmlinux)")
+    if missing and types_mode(prog) != "btf":
+        attach_kernel_btf(prog)
     return read_snapshot(prog, pfn_range=pfn_range)
 
 

@@ -110,30 +110,121 @@ def _check_vmcore_file(path: Path) -> str:
     raise TargetError(f"{path}: not a vmcore (neither ELF core nor kdump-compressed)")
 
 
-def _load_debug_info(prog: drgn.Program, vmlinux: Path | None, what: str) -> None:
-    """Load the kernel's debug info; fail with the expected build id when it is missing or wrong."""
-    if vmlinux is not None and not vmlinux.is_file():
+def _load_debug_info(prog: drgn.Program, vmlinux: Path, what: str) -> None:
+    """Load the kernel's DWARF from ``vmlinux``; fail with the expected build id when it is the wrong one."""
+    if not vmlinux.is_file():
         raise TargetError(f"--vmlinux {vmlinux}: no such file")
     try:
-        if vmlinux is not None:
-            # drgn checks the build id: a vmlinux of another build is ignored, not loaded
-            prog.load_debug_info([str(vmlinux)], default=False, main=True)
-        else:
-            prog.load_default_debug_info()
+        # drgn checks the build id: a vmlinux of another build is ignored, not loaded
+        prog.load_debug_info([str(vmlinux)], default=False, main=True)
     except drgn.MissingDebugInfoError:
         pass
+    main = _main_module(prog, what)
+    if main.wants_debug_file():
+        want = f" (build id {main.build_id.hex()})" if main.build_id else ""
+        raise TargetError(f"--vmlinux {vmlinux} does not match {what}{want}: pass that exact build's vmlinux")
+
+
+def _main_module(prog: drgn.Program, what: str) -> drgn.MainModule:
     try:
-        main = prog.main_module()
+        return prog.main_module()
     except LookupError:
         raise TargetError(f"{what}: cannot find the kernel image in it (no vmcoreinfo?)") from None
-    if not main.wants_debug_file():
-        return
-    want = f" (build id {main.build_id.hex()})" if main.build_id else ""
+
+
+#: where types_mode() keeps its answer in a Program's cache
+_MODE_KEY = "kmeminspect.types"
+
+
+def types_mode(prog: drgn.Program) -> str:
+    """Where ``prog`` finds the kernel's types: ``dwarf`` (a vmlinux with debug info) or ``btf`` (the
+    kernel's own BTF, kallsyms and VMCOREINFO)."""
+    return str(prog.cache.get(_MODE_KEY, "dwarf"))
+
+
+def _load_types(prog: drgn.Program, vmlinux: Path | None, btf: Path | None, what: str) -> None:
+    """Give ``prog`` the kernel's types: from ``vmlinux`` when given; else from ``btf`` when given; else from
+    the debug info drgn finds by itself (the distro's -dbg package, debuginfod); else from the kernel's own
+    BTF (docs/btf.md)."""
     if vmlinux is not None:
-        raise TargetError(f"--vmlinux {vmlinux} does not match {what}{want}: pass that exact build's vmlinux")
-    raise TargetError(
-        f"no debug info for {what}, release {_release(prog)}{want}: install its -dbg package or pass --vmlinux"
-    )
+        _load_debug_info(prog, vmlinux, what)
+        prog.cache[_MODE_KEY] = "dwarf"
+        return
+    if btf is None:
+        try:
+            prog.load_default_debug_info()
+        except drgn.MissingDebugInfoError:
+            pass
+        if not _main_module(prog, what).wants_debug_file():
+            prog.cache[_MODE_KEY] = "dwarf"
+            return
+    _load_btf(prog, btf, what)
+    prog.cache[_MODE_KEY] = "btf"
+
+
+def _load_btf(prog: drgn.Program, btf_file: Path | None, what: str) -> None:
+    from .kernel.btf import Btf, BtfError, btf_from_elf
+    from .kernel.btf_types import btf_in_memory, load_kallsyms, use_btf
+
+    install = f"install linux-image-{_release(prog)}-dbg (Debian) or pass --vmlinux"
+    load_kallsyms(prog)
+    if btf_file is not None:
+        try:
+            with open(btf_file, "rb") as f:
+                data = btf_from_elf(f) or (f.seek(0), f.read())[1]
+        except OSError as error:
+            raise TargetError(f"--btf {btf_file}: {error.strerror or error}") from None
+        where = f"--btf {btf_file}"
+    elif prog.flags & drgn.ProgramFlags.IS_LOCAL:
+        try:
+            data = Path(LIVE_BTF).read_bytes()
+        except OSError:
+            raise TargetError(
+                f"no debug info for {what} and no {LIVE_BTF} (CONFIG_DEBUG_INFO_BTF=n): {install}"
+            ) from None
+        where = LIVE_BTF
+    else:
+        try:
+            data = btf_in_memory(prog)
+        except LookupError:
+            raise TargetError(
+                f"no debug info for {what} and no BTF in it (CONFIG_DEBUG_INFO_BTF=n): {install}"
+            ) from None
+        except drgn.FaultError:
+            raise TargetError(
+                f"no debug info for {what}, and the dump lacks the pages of its BTF (filtered out): {install}"
+            ) from None
+        where = "the kernel's memory"
+    try:
+        use_btf(prog, Btf(data))
+    except BtfError as error:
+        raise TargetError(f"{where}: not BTF kmeminspect can read ({error}): {install}") from None
+
+
+def attach_kernel_btf(prog: drgn.Program) -> None:
+    """Give a Program without the kernel's debug info (a drgn session's) the kernel's own BTF and kallsyms;
+    TargetError when it has none, or when its finders are already taken."""
+    try:
+        _load_btf(prog, None, "the kernel")
+    except ValueError:  # a finder of that name is registered: the session set up its own
+        raise TargetError(
+            "no debug info for the kernel, and its kallsyms/btf finders are taken: start drgn with -s VMLINUX"
+        ) from None
+    prog.cache[_MODE_KEY] = "btf"
+
+
+#: the running kernel's BTF (CONFIG_DEBUG_INFO_BTF)
+LIVE_BTF = "/sys/kernel/btf/vmlinux"
+
+
+def live_types(vmlinux: Path | None, btf: Path | None) -> tuple[str, str]:
+    """How ``--live`` finds the running kernel's types, found by opening it as every command does:
+    ``("dwarf", the debug file drgn loaded)`` or ``("btf", where the BTF comes from)``; TargetError when
+    neither works (``doctor``)."""
+    prog = open_live(vmlinux, btf)
+    if types_mode(prog) == "dwarf":
+        return "dwarf", str(prog.main_module().debug_file_path)
+    return "btf", f"{btf or LIVE_BTF}, symbols from /proc/kallsyms"
 
 
 def _release(prog: drgn.Program) -> str:
@@ -147,9 +238,11 @@ def _release(prog: drgn.Program) -> str:
     return "unknown"
 
 
-def open_vmcore(path: Path, vmlinux: Path | None, vmcoreinfo: Path | None = None) -> drgn.Program:
+def open_vmcore(
+    path: Path, vmlinux: Path | None, vmcoreinfo: Path | None = None, btf: Path | None = None
+) -> drgn.Program:
     """Open a vmcore; ``vmcoreinfo`` overrides the dump's own note (dumps taken during early boot,
-    before the kernel published it, have none)."""
+    before the kernel published it, have none). Types: see :func:`_load_types`."""
     fmt = _check_vmcore_file(path)
     info = None
     if vmcoreinfo is not None:
@@ -180,12 +273,12 @@ def open_vmcore(path: Path, vmlinux: Path | None, vmcoreinfo: Path | None = None
         raise TargetError(f"{path}: cannot open {fmt} vmcore: {error}") from None
     if not (prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL):
         raise TargetError(_NO_VMCOREINFO.format(path=path))
-    _load_debug_info(prog, vmlinux, f"the kernel in {path}")
+    _load_types(prog, vmlinux, btf, f"the kernel in {path}")
     return prog
 
 
-def open_live(vmlinux: Path | None) -> drgn.Program:
-    """The running kernel through /proc/kcore (root, x86_64), with its debug info (``vmlinux`` or the distro's)."""
+def open_live(vmlinux: Path | None, btf: Path | None = None) -> drgn.Program:
+    """The running kernel through /proc/kcore (root, x86_64), with its types (see :func:`_load_types`)."""
     if platform.machine() != "x86_64":
         raise TargetError(f"this machine is {platform.machine()}: kmeminspect reads x86_64 kernels only")
     if os.geteuid() != 0:
@@ -197,12 +290,13 @@ def open_live(vmlinux: Path | None) -> drgn.Program:
         prog.set_kernel()
     except OSError as error:
         raise TargetError(f"cannot open /proc/kcore: {error.strerror or error}") from None
-    _load_debug_info(prog, vmlinux, f"the running kernel ({platform.release()})")
+    _load_types(prog, vmlinux, btf, f"the running kernel ({platform.release()})")
     return prog
 
 
-def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
-    """A live QEMU guest through its QMP socket (a path, or HOST:PORT), with the guest kernel's debug info."""
+def open_qemu(address: str, vmlinux: Path | None, btf: Path | None = None) -> drgn.Program:
+    """A live QEMU guest through its QMP socket (a path, or HOST:PORT), with the guest kernel's types (see
+    :func:`_load_types`)."""
     if ":" not in address:
         path = Path(address)
         if not path.exists():
@@ -230,22 +324,27 @@ def open_qemu(address: str, vmlinux: Path | None) -> drgn.Program:
         prog.set_qemu_qmp(address)
     except (OSError, ValueError) as error:
         raise TargetError(f"--qemu {address}: cannot attach: {error}") from None
-    _load_debug_info(prog, vmlinux, f"the guest behind {address}")
+    _load_types(prog, vmlinux, btf, f"the guest behind {address}")
     return prog
 
 
 def open_target(
-    kind: str, location: str | None, vmlinux: str | None, vmcoreinfo: str | None = None
+    kind: str, location: str | None, vmlinux: str | None, vmcoreinfo: str | None = None, btf: str | None = None
 ) -> tuple[drgn.Program, dict[str, object]]:
-    """Open a target; return the program and a description of the source for snapshots."""
+    """Open a target; return the program and a description of the source for snapshots (what it is, and
+    where its types came from: ``types`` is ``dwarf`` or ``btf``)."""
     vmlinux_path = Path(vmlinux) if vmlinux else None
+    btf_path = Path(btf) if btf else None
     if vmcoreinfo and kind != "vmcore":
         raise TargetError("--vmcoreinfo goes with --vmcore")
     if kind == "vmcore":
         assert location is not None
         info = Path(vmcoreinfo) if vmcoreinfo else None
-        return open_vmcore(Path(location), vmlinux_path, info), {"kind": "vmcore", "path": location}
-    if kind == "qemu":
+        prog = open_vmcore(Path(location), vmlinux_path, info, btf_path)
+        source: dict[str, object] = {"kind": "vmcore", "path": location}
+    elif kind == "qemu":
         assert location is not None
-        return open_qemu(location, vmlinux_path), {"kind": "qemu", "path": location}
-    return open_live(vmlinux_path), {"kind": "live", "path": "/proc/kcore"}
+        prog, source = open_qemu(location, vmlinux_path, btf_path), {"kind": "qemu", "path": location}
+    else:
+        prog, source = open_live(vmlinux_path, btf_path), {"kind": "live", "path": "/proc/kcore"}
+    return prog, dict(source, types=types_mode(prog))

@@ -148,7 +148,7 @@ def test_fish_completes_for_real(entry_point: Path, tmp_path: Path) -> None:
         "zsh",
         "--vmcore\tA vmcore: ELF or kdump-compressed (also flattened).",
         "--vmcoreinfo\tVMCOREINFO data for a vmcore without it (dumped during early boot).",
-        "--vmlinux\tThe kernel's vmlinux with DWARF (default: distro paths).",
+        "--vmlinux\tThe kernel's vmlinux with DWARF (default: what drgn finds, else the kernel's own BTF).",
     ]
 
 

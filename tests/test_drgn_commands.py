@@ -160,13 +160,21 @@ def test_bad_arguments_are_command_errors(session: Session, line: str, error: ty
 
 
 @pytest.mark.vm
-def test_no_debug_info_is_one_line(session: Session) -> None:
+def test_without_debug_info_the_kernel_btf_serves(session: Session, capsys: pytest.CaptureFixture[str]) -> None:
     """drgn opened the dump without the kernel's debug info (``--no-default-symbols``, or another build's
-    vmlinux): the command says what to do instead of failing inside a reader."""
+    vmlinux): the command reads with the kernel's own BTF and kallsyms (docs/btf.md), the same rows as with
+    the debug info; a session whose finder names are taken gets one line saying what to do."""
     prog = drgn.Program()
     prog.set_core_dump(str(session.capture.elf))
-    with pytest.raises(CommandError, match=r"^kmeminspect sections: no debug info for the kernel: start drgn with -s"):
-        run_command(prog, "kmeminspect sections")
+    run_command(prog, "kmeminspect sections --json")
+    with_btf = json.loads(capsys.readouterr().out)
+    run_command(session.prog, "kmeminspect sections --json")
+    assert with_btf == json.loads(capsys.readouterr().out)
+    taken = drgn.Program()
+    taken.set_core_dump(str(session.capture.elf))
+    taken.register_type_finder("btf", lambda *args: None)
+    with pytest.raises(CommandError, match=r"^kmeminspect sections: no debug info for the kernel, and its"):
+        run_command(taken, "kmeminspect sections")
 
 
 def _entry_point_on_path(directory: Path) -> None:

@@ -9,6 +9,7 @@ state; only the snapshot's ``source`` (kind, path, time) may differ (docs/snapsh
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import subprocess
 import sys
@@ -67,11 +68,14 @@ def project(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str,
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_live_in_guest_equals_qmp(generation: str, tmp_path: Path) -> None:
     """``kmeminspect --live`` inside the guest and ``--qemu`` from the host agree on sections and blocks,
-    and on the whole snapshot."""
+    and on the whole snapshot; and so does ``--live`` without the vmlinux (the guest kernel's BTF from
+    /sys/kernel/btf/vmlinux, its symbols from /proc/kallsyms)."""
     with live_guest("dimm-online", generation) as guest:
         SCENARIOS["dimm-online"].setup(guest)
         live = {command: in_guest(guest, command) for command in COMMANDS}
         live_snapshot = snapshot_in_guest(guest, tmp_path / "live.snap")
+        guest.run("kmeminspect --live snapshot -o /tmp/btf.snap", timeout=900)
+        (tmp_path / "btf.snap").write_bytes(base64.b64decode(guest.run("base64 -w0 /tmp/btf.snap").stdout))
         guest.execute("stop")
         target = ["--qemu", str(guest.tools_qmp_path), "--vmlinux", str(guest.kernel.vmlinux), "--json"]
         qmp = {command: on_host(*target, command) for command in COMMANDS}
@@ -87,6 +91,9 @@ def test_live_in_guest_equals_qmp(generation: str, tmp_path: Path) -> None:
     # no struct page of RAM is out of /proc/kcore's reach
     assert (live_snapshot.runs["memmap"] == MEMMAP_READ).all()
     assert_same_snapshot(live_snapshot, qmp_snapshot)
+    btf_snapshot = snapshot_mod.load(tmp_path / "btf.snap")
+    assert (live_snapshot.source["types"], btf_snapshot.source["types"]) == ("dwarf", "btf")
+    assert_same_snapshot(btf_snapshot, live_snapshot)
 
 
 def snapshot_in_guest(guest: RootfsGuest, path: Path) -> Snapshot:
@@ -149,7 +156,8 @@ QMP_VMCORE_CASES = [pytest.param(g, s, id=f"{g}-{s}") for g in GENERATIONS for s
 
 @pytest.mark.parametrize(("generation", "scenario"), QMP_VMCORE_CASES)
 def test_qmp_equals_vmcore(generation: str, scenario: str, tmp_path: Path) -> None:
-    """A stopped guest read over QMP and from its kdump-compressed dump: identical but for the source."""
+    """A stopped guest read over QMP and from its kdump-compressed dump: identical but for the source; and
+    over QMP without the vmlinux (the BTF and kallsyms in the guest's memory) as well."""
     kernel = get_kernel(generation)
     setup = SCENARIOS[scenario]
     reason = setup.unsupported(kernel)
@@ -159,10 +167,14 @@ def test_qmp_equals_vmcore(generation: str, scenario: str, tmp_path: Path) -> No
         setup.setup(guest)
         guest.execute("stop")
         qmp = read_snapshot(open_qemu(str(guest.tools_qmp_path), kernel.vmlinux), {"kind": "qemu"})
+        gc.collect()  # drgn lets the socket go with the Program (QEMU serves one client per socket)
+        qmp_btf = read_snapshot(open_qemu(str(guest.tools_qmp_path), None))
         dump = guest.dump(tmp_path / "vmcore.kdump", "kdump-zlib")
     vmcore = read_snapshot(open_vmcore(dump, kernel.vmlinux), {"kind": "vmcore"})
 
     assert_same_snapshot(qmp, vmcore)
+    assert qmp_btf.source["types"] == "btf"
+    assert_same_snapshot(qmp_btf, vmcore)
     assert (qmp.runs["memmap"] == MEMMAP_READ).all()
 
 
@@ -186,10 +198,17 @@ DOCTOR_PROBES = {
 def test_doctor_in_guest(generation: str) -> None:
     """``kmeminspect doctor`` inside the rootfs guest: every verdict equals an independent probe of the
     guest; the shared vmlinux's build id (readelf on the host) matches the running kernel; everything
-    trace needs is there (the tracing tests run in this guest); a missing tool comes with its fix."""
+    trace needs is there (the tracing tests run in this guest); a missing tool comes with its fix; and
+    which types ``--live`` will use, with the vmlinux and without."""
     with live_guest("boot", generation) as guest:
         checks = {c["name"]: c for c in in_guest(guest, "doctor")["checks"]}
         probes = {name: guest.run(probe, check=False).returncode == 0 for name, probe in DOCTOR_PROBES.items()}
+        without = json.loads(guest.run("kmeminspect --live --json doctor", timeout=900).stdout)["checks"]
+    # what --live will use: the DWARF given, else (no debug package in the guest) the kernel's own BTF
+    assert checks["types"]["ok"] and checks["types"]["detail"].startswith("--live: DWARF")
+    types = {c["name"]: c for c in without}
+    assert types["types"]["ok"] and types["types"]["detail"].startswith("--live: BTF (/sys/kernel/btf/vmlinux")
+    assert not types["debug info"]["ok"] and "drgn finds none" in types["debug info"]["detail"]
     for name, holds in probes.items():
         assert checks[name]["ok"] == holds, (name, checks[name])
     assert all((c["fix"] is None) == c["ok"] for c in checks.values())

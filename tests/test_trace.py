@@ -103,6 +103,21 @@ def test_dimm_online_events_follow_blocks(guest: RootfsGuest, dimm_blocks: list[
     assert attached_leftovers(guest) == []
 
 
+def test_trace_with_btf_alone(guest: RootfsGuest, tmp_path: Path) -> None:
+    """Without the vmlinux, the tracer takes its offsets and argument positions from the kernel's BTF and
+    its symbols from /proc/kallsyms (docs/btf.md): the same top caller of a kpageflags walk, once per pfn,
+    and the same seeded pfn_active as a snapshot read with DWARF."""
+    tracer = GuestTracer(guest, dwarf=False)
+    tracer.start("--no-events")
+    walked = int(guest.run("cat /proc/kpageflags | wc -c").text) // 8
+    summary, _ = tracer.stop("TERM")
+    top = summary["callers"][0]
+    assert top["stack"][0].startswith(("kpageflags_read", "kpage_read")), top
+    assert top["count"] == walked
+    assert [tuple(r) for r in summary["active_ranges"]] == fresh_active_ranges(guest, tmp_path)
+    assert attached_leftovers(guest) == []
+
+
 def test_kpageflags_is_the_top_caller(guest: RootfsGuest) -> None:
     """A full read of /proc/kpageflags is the top caller of pfn_to_online_page(), once per pfn walked."""
     tracer = GuestTracer(guest)

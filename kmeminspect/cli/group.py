@@ -23,11 +23,18 @@ class Context:
     """The target the global options chose, opened on demand, and how to print (``--json``, colour)."""
 
     def __init__(
-        self, kind: str, location: str | None, vmlinux: str | None, vmcoreinfo: str | None, as_json: bool
+        self,
+        kind: str,
+        location: str | None,
+        vmlinux: str | None,
+        vmcoreinfo: str | None,
+        as_json: bool,
+        btf: str | None = None,
     ) -> None:
         self.kind = kind
         self.location = location
         self.vmlinux = vmlinux
+        self.btf = btf
         self.vmcoreinfo = vmcoreinfo
         self.as_json = as_json
         self.prog: Any = None  # the drgn Program once opened (None for --snapshot)
@@ -41,7 +48,7 @@ class Context:
         from ..kernel import read_snapshot, terminal_progress
         from ..target import open_target
 
-        self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo)
+        self.prog, source = open_target(self.kind, self.location, self.vmlinux, self.vmcoreinfo, self.btf)
         snap = read_snapshot(self.prog, source, terminal_progress("reading memmap"), pfn_range, device_memmap_only)
         for note in snap.unreadable:  # the answer follows, from everything else; the audit has it as a finding
             click.echo(f"kmeminspect: warning: {note}", err=True)
@@ -76,7 +83,12 @@ def run(function: Callable[[], int | None]) -> None:
 @click.option("--vmcore", "vmcore", metavar="PATH", help="A vmcore: ELF or kdump-compressed (also flattened).")
 @click.option("--qemu", "qemu", metavar="QMP_SOCKET", help="A live QEMU guest through its QMP socket.")
 @click.option("--snapshot", "snapshot_file", metavar="FILE", help="A snapshot saved by 'kmeminspect snapshot'.")
-@click.option("--vmlinux", metavar="PATH", help="The kernel's vmlinux with DWARF (default: distro paths).")
+@click.option(
+    "--vmlinux",
+    metavar="PATH",
+    help="The kernel's vmlinux with DWARF (default: what drgn finds, else the kernel's own BTF).",
+)
+@click.option("--btf", metavar="FILE", help="The kernel's BTF in a file (raw, or an ELF with .BTF) instead of DWARF.")
 @click.option(
     "--vmcoreinfo", metavar="FILE", help="VMCOREINFO data for a vmcore without it (dumped during early boot)."
 )
@@ -92,6 +104,7 @@ def main(
     qemu: str | None,
     snapshot_file: str | None,
     vmlinux: str | None,
+    btf: str | None,
     vmcoreinfo: str | None,
     as_json: bool,
     colour: bool | None,
@@ -104,7 +117,7 @@ def main(
     if len(chosen) > 1:
         raise UsageError("choose one target: --live, --vmcore, --qemu or --snapshot")
     kind, location = chosen[0] if chosen else ("live", None)
-    ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json)
+    ctx.obj = Context(kind, location, vmlinux, vmcoreinfo, as_json, btf)
     if colour is None:
         from ..memorymap import colour_by_default
 

@@ -127,4 +127,8 @@ def doctor(obj: Context) -> None:
     """What each command needs on this machine, and the command that fixes what is missing."""
     from ..doctor import checks
 
-    run(lambda: obj.emit(*views.doctor_view(checks(Path(obj.vmlinux) if obj.vmlinux else None))))
+    run(
+        lambda: obj.emit(
+            *views.doctor_view(checks(Path(obj.vmlinux) if obj.vmlinux else None, Path(obj.btf) if obj.btf else None))
+        )
+    )

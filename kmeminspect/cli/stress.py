@@ -126,7 +126,7 @@ def stress(
         if not limits.dimm_rounds and not limits.resizes:
             raise UsageError("--qemu stress needs --dimm-rounds N and/or --virtio-mem ID --resizes N")
         assert obj.location is not None
-        source = QemuAudit(obj.location, obj.vmlinux) if every else None
+        source = QemuAudit(obj.location, obj.vmlinux, obj.btf) if every else None
         runner = QemuStress(obj.location, limits, virtio_mem, Path(), run_seed, every, source, say=say)
         vmem = runner.prepare()
         runner.journal_path = journal_path()
@@ -157,7 +157,7 @@ def stress(
             limits = dataclasses.replace(limits, transitions=stress_mod.DEFAULT_TRANSITIONS)
         sysfs = stress_mod.MemoryBlocks(Path(sysfs_root), Path(procfs_root))
         plan = stress_mod.plan_blocks(sysfs, chosen, all_hotpluggable, allow_kernel_zone)
-        source = stress_mod.LiveAudit(obj.vmlinux) if every else None
+        source = stress_mod.LiveAudit(obj.vmlinux, obj.btf) if every else None
         path = journal_path()
         stops = [
             f"{limits.transitions} transitions" if limits.transitions else "",
@@ -178,7 +178,11 @@ def stress(
             from ..target import open_live
 
             # the audit's Program when there is one: loading the debug info twice costs seconds and ~250 MB
-            prog = source.prog if source is not None else open_live(Path(obj.vmlinux) if obj.vmlinux else None)
+            prog = (
+                source.prog
+                if source is not None
+                else open_live(Path(obj.vmlinux) if obj.vmlinux else None, Path(obj.btf) if obj.btf else None)
+            )
             seed_state = read_snapshot(prog, {"kind": "live"}, device_memmap_only=True)
             options = trace_mod.TraceOptions(events=False, callers=False, active=True, races=True)
             hooks = trace_mod.StressTracer(prog, seed_state, options)

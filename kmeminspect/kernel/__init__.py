@@ -46,11 +46,13 @@ def check_flags_layout(snapshot: Snapshot) -> None:
 
 def program_source(prog: Program) -> dict[str, object]:
     """What a snapshot's ``source`` says of the kernel open in ``prog``: a vmcore (its path), the running
-    kernel (``/proc/kcore``), or else a live kernel without a file: a QEMU guest over QMP."""
+    kernel (``/proc/kcore``), or else a live kernel without a file: a QEMU guest over QMP; and where its
+    types came from (``dwarf`` or ``btf``)."""
     path = prog.core_dump_path
+    types = str(prog.cache.get("kmeminspect.types", "dwarf"))  # target.types_mode()
     if not prog.flags & ProgramFlags.IS_LIVE:
-        return {"kind": "vmcore", "path": path}
-    return {"kind": "live" if path == "/proc/kcore" else "qemu", "path": path}
+        return {"kind": "vmcore", "path": path, "types": types}
+    return {"kind": "live" if path == "/proc/kcore" else "qemu", "path": path, "types": types}
 
 
 def _or_note(what: str, read: Callable[[], T], otherwise: T, unreadable: list[str]) -> T:

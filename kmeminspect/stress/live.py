@@ -47,10 +47,10 @@ class Limits:
 class LiveAudit:
     """Reads the running kernel through /proc/kcore (drgn), keeping one Program across samples."""
 
-    def __init__(self, vmlinux: str | None) -> None:
+    def __init__(self, vmlinux: str | None, btf: str | None = None) -> None:
         from ..target import open_live
 
-        self.prog = open_live(Path(vmlinux) if vmlinux else None)
+        self.prog = open_live(Path(vmlinux) if vmlinux else None, Path(btf) if btf else None)
 
     def read(self) -> tuple[str, list[Finding]]:
         from ..audit import audit

@@ -98,16 +98,19 @@ def parse_size(text: str) -> int:
 class QemuAudit:
     """drgn over QMP, attached for one read and detached (QEMU serves one client per socket)."""
 
-    def __init__(self, socket_path: str, vmlinux: str | None) -> None:
+    def __init__(self, socket_path: str, vmlinux: str | None, btf: str | None = None) -> None:
         self.socket_path = socket_path
         self.vmlinux = vmlinux
+        self.btf = btf
 
     def read(self) -> tuple[str, list[Finding]]:
         from ..audit import audit
         from ..kernel import read_snapshot
         from ..target import open_qemu
 
-        prog = open_qemu(self.socket_path, Path(self.vmlinux) if self.vmlinux else None)
+        prog = open_qemu(
+            self.socket_path, Path(self.vmlinux) if self.vmlinux else None, Path(self.btf) if self.btf else None
+        )
         try:
             snapshot = read_snapshot(prog, {"kind": "qemu", "path": self.socket_path})
         finally:

@@ -35,14 +35,16 @@ def guest_vmlinux(guest: RootfsGuest) -> str:
 class GuestTracer:
     """``kmeminspect trace -o TRACE_OUT ARGS`` running in the background in ``guest``."""
 
-    def __init__(self, guest: RootfsGuest) -> None:
+    def __init__(self, guest: RootfsGuest, dwarf: bool = True) -> None:
         self.guest = guest
         self.pid = 0
+        #: with the shared vmlinux (DWARF), or with nothing but the guest kernel's own BTF and kallsyms
+        self.types = f"--vmlinux {guest_vmlinux(guest)}" if dwarf else ""
 
     def start(self, *args: str, timeout: float = 300.0) -> None:
         """Start the tracer and wait until its probes are attached (it says "tracing" on stderr)."""
         quoted = " ".join(map(shlex.quote, args))
-        command = f"kmeminspect --live --vmlinux {guest_vmlinux(self.guest)} trace -o {TRACE_OUT} {quoted}"
+        command = f"kmeminspect --live {self.types} trace -o {TRACE_OUT} {quoted}"
         self.guest.run(f"rm -f {TRACE_OUT}; ({command} > /tmp/trace.out 2> /tmp/trace.err & echo $! > /tmp/trace.pid)")
         self.pid = int(self.guest.run("cat /tmp/trace.pid").text)
         deadline = time.monotonic() + timeout

@@ -1,0 +1,226 @@
+"""The kernel's BTF (``CONFIG_DEBUG_INFO_BTF``): a parser of the raw format, with no drgn.
+
+The format is the kernel's ``include/uapi/linux/btf.h``: a header, then the type section (one
+``struct btf_type`` per type, numbered from 1, each followed by its kind's records), then the string
+section. docs/decisions.md says why kmeminspect parses it itself; ``tests/test_btf.py`` checks the parse
+against ``bpftool btf dump``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import BinaryIO
+
+import numpy as np
+
+MAGIC = 0xEB9F
+
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+
+#: BTF_INT_ENCODING bits of an INT's extra word
+INT_SIGNED, INT_CHAR, INT_BOOL = 1, 2, 4
+
+#: the bytes each record following a type takes, by kind (multiplied by vlen for the vlen kinds)
+_VLEN_RECORD = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
+_FIXED_EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
+
+
+class BtfError(ValueError):
+    """The bytes are not BTF this parser understands (truncated, another byte order, a newer kind)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """A struct or union member: ``bit_offset`` from the start, ``bit_size`` when it is a bit field."""
+
+    name: str | None
+    type_id: int
+    bit_offset: int
+    bit_size: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BtfType:
+    """One type: its kind, name (None when anonymous), ``size`` (INT, STRUCT, UNION, ENUM*, FLOAT, DATASEC) or
+    referenced ``type_id`` (PTR, TYPEDEF, qualifiers, FUNC, FUNC_PROTO's return, VAR, TYPE_TAG), and the
+    kind's records: members, enumerators ``(name, value)``, parameters ``(name, type_id)``, or an array's
+    ``(element type, length)``."""
+
+    kind: int
+    name: str | None
+    size: int = 0
+    type_id: int = 0
+    kind_flag: bool = False
+    members: tuple[Member, ...] = ()
+    enumerators: tuple[tuple[str, int], ...] = ()
+    parameters: tuple[tuple[str | None, int], ...] = ()
+    array: tuple[int, int] = (0, 0)
+    int_encoding: int = 0
+    int_bits: int = 0
+
+
+class Btf:
+    """A BTF blob, decoded on demand: one pass finds where each type starts; :meth:`type` decodes one.
+
+    A kernel's BTF has 100,000 and more types, of which a reader needs a few hundred."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < 24:
+            raise BtfError("too short for a BTF header")
+        magic, version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != MAGIC:
+            raise BtfError(f"not BTF (magic {magic:#06x}, want {MAGIC:#06x} little-endian)")
+        if version != 1:
+            raise BtfError(f"BTF version {version} (this parser reads version 1)")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        types_start, strings_start = hdr_len + type_off, hdr_len + str_off
+        if types_start + type_len > len(data) or strings_start + str_len > len(data):
+            raise BtfError(f"BTF cut short ({len(data)} bytes, its header describes more)")
+        self.size = max(types_start + type_len, strings_start + str_len)
+        self._data = data
+        self._strings = data[strings_start : strings_start + str_len]
+        self._offsets = self._scan(data, types_start, types_start + type_len)
+        words = np.frombuffer(data, dtype="<u4", count=(types_start + type_len) // 4)
+        self._name_offsets = words[self._offsets // 4]
+        self._kinds = (words[self._offsets // 4 + 1] >> 24) & 0x1F
+        self._cache: dict[int, BtfType] = {}
+        self._enumerators: dict[str, tuple[int, int]] | None = None
+
+    def __len__(self) -> int:
+        """The number of types, void (id 0) included."""
+        return len(self._offsets)
+
+    @staticmethod
+    def _scan(data: bytes, pos: int, end: int) -> np.ndarray:
+        """Where each type starts (index = type id; id 0, void, at -4 so that it never matches)."""
+        record = [_VLEN_RECORD.get(kind, 0) for kind in range(32)]
+        fixed = [12 + _FIXED_EXTRA.get(kind, 0) for kind in range(32)]
+        known = set(range(INT, ENUM64 + 1))
+        offsets = [-4]
+        unpack = struct.Struct("<I").unpack_from
+        while pos < end:
+            offsets.append(pos)
+            (info,) = unpack(data, pos + 4)
+            kind = (info >> 24) & 0x1F
+            if kind not in known:
+                raise BtfError(f"BTF kind {kind} unknown to this parser (a newer kernel?)")
+            pos += fixed[kind] + record[kind] * (info & 0xFFFF)
+        if pos != end:
+            raise BtfError("the type section ends inside a type")
+        if pos % 4:
+            raise BtfError("the type section is not made of 4-byte words")
+        return np.array(offsets, dtype=np.int64)
+
+    def string(self, offset: int) -> str | None:
+        """The NUL-terminated string at ``offset`` of the string section, None for offset 0 (anonymous)."""
+        if offset == 0:
+            return None
+        end = self._strings.find(b"\0", offset)
+        if offset >= len(self._strings) or end < 0:
+            raise BtfError(f"string offset {offset} outside the string section")
+        return self._strings[offset:end].decode()
+
+    def kind(self, type_id: int) -> int:
+        """The kind of type ``type_id`` (0 for void)."""
+        return int(self._kinds[type_id]) if type_id else 0
+
+    def type(self, type_id: int) -> BtfType:
+        """Type ``type_id``, decoded (and kept)."""
+        entry = self._cache.get(type_id)
+        if entry is None:
+            if not 0 < type_id < len(self._offsets):
+                raise BtfError(f"type id {type_id} out of range (1 to {len(self._offsets) - 1})")
+            entry = self._cache[type_id] = self._decode(int(self._offsets[type_id]))
+        return entry
+
+    def _decode(self, pos: int) -> BtfType:
+        data, string, unpack = self._data, self.string, struct.unpack_from
+        name_off, info, size_or_type = unpack("<III", data, pos)
+        pos += 12
+        kind = (info >> 24) & 0x1F
+        vlen = info & 0xFFFF
+        kind_flag = bool(info >> 31)
+        name = string(name_off)
+        if kind in (STRUCT, UNION):
+            members = []
+            for i in range(vlen):
+                m_name, m_type, m_offset = unpack("<III", data, pos + 12 * i)
+                if kind_flag:  # the bit field size in the top 8 bits of the offset
+                    members.append(Member(string(m_name), m_type, m_offset & 0xFFFFFF, (m_offset >> 24) or None))
+                else:
+                    members.append(Member(string(m_name), m_type, m_offset, None))
+            return BtfType(kind, name, size=size_or_type, kind_flag=kind_flag, members=tuple(members))
+        if kind == ENUM:
+            layout = "<Ii" if kind_flag else "<II"
+            values = tuple((string(n) or "", v) for n, v in (unpack(layout, data, pos + 8 * i) for i in range(vlen)))
+            return BtfType(kind, name, size=size_or_type, kind_flag=kind_flag, enumerators=values)
+        if kind == ENUM64:
+            values64 = []
+            for i in range(vlen):
+                n, low, high = unpack("<III", data, pos + 12 * i)
+                value = (high << 32) | low
+                if kind_flag and value >= 1 << 63:
+                    value -= 1 << 64
+                values64.append((string(n) or "", value))
+            return BtfType(kind, name, size=size_or_type, kind_flag=kind_flag, enumerators=tuple(values64))
+        if kind == FUNC_PROTO:
+            params = tuple((string(n), t) for n, t in (unpack("<II", data, pos + 8 * i) for i in range(vlen)))
+            return BtfType(kind, name, type_id=size_or_type, parameters=params)
+        if kind == INT:
+            (word,) = unpack("<I", data, pos)
+            return BtfType(kind, name, size=size_or_type, int_encoding=(word >> 24) & 0xF, int_bits=word & 0xFF)
+        if kind == ARRAY:
+            element, _index, length = unpack("<III", data, pos)
+            return BtfType(kind, name, array=(element, length))
+        if kind in (FLOAT, DATASEC):
+            return BtfType(kind, name, size=size_or_type)
+        return BtfType(kind, name, type_id=size_or_type, kind_flag=kind_flag)
+
+    def ids_named(self, name: str) -> list[int]:
+        """The ids of every type called ``name`` (a struct, union or enum tag, a typedef, a base type, a
+        function, a variable), in id order."""
+        wanted = b"\0" + name.encode() + b"\0"
+        ids: list[int] = []
+        at = self._strings.find(wanted)
+        while at >= 0:  # pahole writes each string once; a hand-made BTF may repeat one
+            ids.extend(np.flatnonzero(self._name_offsets == at + 1).tolist())
+            at = self._strings.find(wanted, at + 1)
+        return sorted(ids)
+
+    def enumerator(self, name: str) -> tuple[int, int] | None:
+        """``(enum type id, value)`` of the enumerator called ``name``, or None."""
+        if self._enumerators is None:
+            index: dict[str, tuple[int, int]] = {}
+            for type_id in np.flatnonzero((self._kinds == ENUM) | (self._kinds == ENUM64)).tolist():
+                for enumerator, value in self.type(type_id).enumerators:
+                    index.setdefault(enumerator, (type_id, value))
+            self._enumerators = index
+        return self._enumerators.get(name)
+
+
+def btf_from_elf(f: BinaryIO) -> bytes | None:
+    """The ``.BTF`` section of an ELF64 little-endian file (a vmlinux, with or without DWARF: only the section
+    headers and the section are read), or None when ``f`` is not such a file or has no ``.BTF``."""
+    f.seek(0)
+    head = f.read(64)
+    if not head.startswith(b"\x7fELF") or len(head) < 64 or head[4] != 2:
+        return None
+    e_shoff = struct.unpack_from("<Q", head, 40)[0]
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", head, 58)
+    if e_shentsize < 64 or e_shstrndx >= e_shnum:
+        return None
+    f.seek(e_shoff)
+    table = f.read(e_shentsize * e_shnum)
+    if len(table) < e_shentsize * e_shnum:
+        return None
+    headers = [struct.unpack_from("<IIQQQQ", table, i * e_shentsize) for i in range(e_shnum)]
+    f.seek(headers[e_shstrndx][4])
+    names = f.read(headers[e_shstrndx][5])
+    for sh_name, _type, _flags, _addr, offset, size in headers:
+        if names[sh_name : names.find(b"\0", sh_name)] == b".BTF":
+            f.seek(offset)
+            data = f.read(size)
+            return data if len(data) == size else None
+    return None
