@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm-fixtures"))
 
 from vmfixtures import download  # noqa: E402
 from vmfixtures.rootfs import KMEMINSPECT_SHARE, rootfs_guest  # noqa: E402
-from vmfixtures.tracing import TRACE_MODES, VMLINUX_SHARE, trace_overhead  # noqa: E402
+from vmfixtures.tracing import TRACE_MODES, trace_overhead  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def main() -> int:
         if kernel is None:
             apt = download.prepare_apt()
             kernel = download.fetch_kernel(generation, apt)
-        shares = {KMEMINSPECT_SHARE: REPO, VMLINUX_SHARE: kernel.vmlinux.parent}
+        shares = {KMEMINSPECT_SHARE: REPO}
         with rootfs_guest("boot", kernel, smp=2, shares=shares) as guest:
             results.append(trace_overhead(guest, repeats=args.repeat, modes=list(TRACE_MODES)))
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, QEMU TCG guests with 2 vCPUs; repeat {args.repeat}\n")

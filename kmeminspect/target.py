@@ -171,9 +171,18 @@ def _load_btf(prog: drgn.Program, btf_file: Path | None, what: str) -> None:
     if btf_file is not None:
         try:
             with open(btf_file, "rb") as f:
-                data = btf_from_elf(f) or (f.seek(0), f.read())[1]
+                elf = f.read(4) == b"\x7fELF"
+                data = btf_from_elf(f) if elf else (f.seek(0), f.read())[1]
         except OSError as error:
-            raise TargetError(f"--btf {btf_file}: {error.strerror or error}") from None
+            raise TargetError(
+                f"--btf {btf_file}: {error.strerror or error}: give a file with the kernel's BTF (a copy of its "
+                "/sys/kernel/btf/vmlinux, or its vmlinux)"
+            ) from None
+        if data is None:
+            raise TargetError(
+                f"--btf {btf_file}: an ELF file without a .BTF section (built without CONFIG_DEBUG_INFO_BTF?): "
+                "give the kernel's vmlinux, or a copy of its /sys/kernel/btf/vmlinux"
+            )
         where = f"--btf {btf_file}"
     elif prog.flags & drgn.ProgramFlags.IS_LOCAL:
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import GENERATIONS, SCENARIOS, get_kernel
+from test_audit import Injector
 from vmfixtures import truth
 
 from kmeminspect import audit
@@ -136,12 +137,13 @@ def test_snapshot_in_btf_mode_equals_dwarf(
     case: tuple[str, str], captured: Callable[[str, str], truth.Capture]
 ) -> None:
     """Without a vmlinux, every scenario reads exactly as with one: the same snapshot (every section, block,
-    pagemap, zone, claim and memmap run) and the same audit findings."""
+    pagemap, zone, claim and memmap run) and the same audit findings. BTF mode reads the ELF dump, DWARF
+    mode the kdump-compressed one (both formats are read in both modes elsewhere in this file)."""
     generation, scenario = case
     capture = captured(generation, scenario)
     info = capture.directory / "vmcoreinfo"
     vmcoreinfo = info if info.is_file() else None
-    btf_prog = open_vmcore(capture.kdump, None, vmcoreinfo)
+    btf_prog = open_vmcore(capture.elf, None, vmcoreinfo)
     assert types_mode(btf_prog) == "btf"
     with_btf = read_snapshot(btf_prog)
     assert with_btf.source["types"] == "btf"
@@ -176,12 +178,19 @@ def kmem(*args: str) -> subprocess.CompletedProcess[str]:
 def test_command_line_btf_sources(
     generation: str, captured: Callable[[str, str], truth.Capture], tmp_path: Path
 ) -> None:
-    """The command line: a dump alone reads in BTF mode and says so in the snapshot; ``--btf FILE`` (raw BTF)
-    gives the same; another build's BTF is refused in one line (VMCOREINFO's sizes and offsets disagree)."""
+    """The command line: a dump alone reads in BTF mode and says so in the snapshot; every command answers
+    as with the vmlinux; ``--btf FILE`` (raw BTF) gives the same; another build's BTF is refused in one
+    line (VMCOREINFO's sizes and offsets disagree)."""
     dump = str(captured(generation, "pmem-collision").kdump)
     alone, from_file = tmp_path / "alone.snap", tmp_path / "file.snap"
     assert kmem("--vmcore", dump, "snapshot", "-o", str(alone)).returncode == 0
     assert snapshot_mod.load(alone).source["types"] == "btf"
+    vmlinux = str(get_kernel(generation).vmlinux)
+    for command in (["sections"], ["blocks"], ["pfn", "0x1000"], ["pfn", "0x40000-0x48000"], ["audit"], ["map"]):
+        btf_run = kmem("--vmcore", dump, "--json", *command)
+        dwarf_run = kmem("--vmcore", dump, "--vmlinux", vmlinux, "--json", *command)
+        assert btf_run.returncode in (0, 1) and btf_run.stderr == "", btf_run.stderr
+        assert (btf_run.returncode, btf_run.stdout) == (dwarf_run.returncode, dwarf_run.stdout), command
     own = tmp_path / "own.btf"
     own.write_bytes(vmlinux_btf(generation))
     result = kmem("--vmcore", dump, "--btf", str(own), "snapshot", "-o", str(from_file))
@@ -211,3 +220,33 @@ def test_truncated_or_foreign_btf_is_refused() -> None:
     unknown[24 + 7] = 25  # kind 25 in the first type's info
     with pytest.raises(b.BtfError, match="kind 25"):
         b.Btf(bytes(unknown))
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_bad_btf_is_one_line(generation: str, captured: Callable[[str, str], truth.Capture], tmp_path: Path) -> None:
+    """Bad BTF ends in one line and exit 2, saying what is wrong and what to do: a file cut short, a file
+    that is not there, an ELF file without .BTF, a dump lacking the pages of its BTF (as a filter or a
+    truncated copy leaves it), and a dump whose BTF is not BTF."""
+    capture = captured(generation, "mixed")
+    truncated = tmp_path / "truncated.btf"
+    truncated.write_bytes(vmlinux_btf(generation)[:100_000])
+    no_btf_elf = Path(sys.executable).resolve()  # an ELF program: no .BTF section
+    prog = open_vmcore(capture.elf, get_kernel(generation).vmlinux)
+    start = prog.symbol("__start_BTF").address
+    lacking = Injector(capture.elf, tmp_path / "lacking.elf", prog)
+    lacking.drop_from_dump(start, 4096)
+    garbled = Injector(capture.elf, tmp_path / "garbled.elf", prog)
+    garbled.write_u32(start, 0)
+    cases = {
+        "cut short": (str(capture.kdump), "--btf", str(truncated)),
+        "No such file": (str(capture.kdump), "--btf", str(tmp_path / "absent.btf")),
+        "without a .BTF section": (str(capture.kdump), "--btf", str(no_btf_elf)),
+        "lacks the pages of its BTF": (str(lacking.path),),
+        "not BTF (magic 0x0000": (str(garbled.path),),
+    }
+    for words, (dump, *options) in cases.items():
+        result = kmem("--vmcore", dump, *options, "sections")
+        assert result.returncode == 2, (words, result.stderr)
+        assert result.stderr.count("\n") == 1 and words in result.stderr, (words, result.stderr)
+        assert "--vmlinux" in result.stderr or "--btf" in result.stderr, result.stderr

@@ -5,6 +5,10 @@ slots; nothing set up) serves every test of this module in order, on one test wo
 test starts the tracer in the guest, makes the kernel do something, stops the tracer with a signal and
 reads its JSON-lines output. What the tracer reports is compared with sysfs, /proc/kpageflags, a
 snapshot read afterwards, and what the test itself did.
+
+The guests hold no DWARF vmlinux: the tracer takes its offsets and argument positions from the guest
+kernel's BTF and its symbols from /proc/kallsyms (docs/btf.md; tests/test_btf.py shows they equal
+DWARF's).
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ from conftest import GENERATIONS, get_kernel
 from vmfixtures import scenarios
 from vmfixtures.rootfs import KMEMINSPECT_SHARE, RootfsGuest, rootfs_guest
 from vmfixtures.tracing import (
-    VMLINUX_SHARE,
     GuestTracer,
     attached_leftovers,
-    guest_vmlinux,
     trace_command,
     trace_overhead,
 )
@@ -37,11 +39,14 @@ GUEST_HELPERS = "/mnt/kmeminspect/tests/guest"
 
 
 def fresh_active_ranges(guest: RootfsGuest, tmp_path: Path) -> list[tuple[int, int]]:
-    """What the tracker would be seeded with now: the model's lifecycle pfn_active of a new snapshot."""
-    guest.run(f"kmeminspect --live --vmlinux {guest_vmlinux(guest)} snapshot -o /tmp/now.snap", timeout=600)
+    """What the tracker would be seeded with now: the model's lifecycle pfn_active of a new snapshot (read,
+    as the tracer runs, with the guest kernel's BTF: the guest has no vmlinux)."""
+    guest.run("kmeminspect --live snapshot -o /tmp/now.snap", timeout=600)
     local = tmp_path / "now.snap"
     local.write_bytes(base64.b64decode(guest.run("base64 -w0 /tmp/now.snap").stdout))
-    return seed_ranges(snapshot_mod.load(local))
+    snapshot = snapshot_mod.load(local)
+    assert snapshot.source["types"] == "btf"  # no DWARF vmlinux in the guest: what the tracer used as well
+    return seed_ranges(snapshot)
 
 
 def blocks_info(guest: RootfsGuest) -> dict[int, tuple[int, str]]:
@@ -62,7 +67,7 @@ def of(events: list[dict[str, Any]], function: str, phase: str) -> list[dict[str
 )
 def guest(request: pytest.FixtureRequest) -> Iterator[RootfsGuest]:
     kernel = get_kernel(request.param)
-    shares = {KMEMINSPECT_SHARE: REPO, VMLINUX_SHARE: kernel.vmlinux.parent}
+    shares = {KMEMINSPECT_SHARE: REPO}
     with rootfs_guest("mixed", kernel, smp=2, shares=shares) as g:
         yield g
 
@@ -99,21 +104,6 @@ def test_dimm_online_events_follow_blocks(guest: RootfsGuest, dimm_blocks: list[
     assert added and min(e["pfn_start"] for e in added) == expected[0][0]
     assert max(e["pfn_end"] for e in added) == expected[-1][1]
     assert summary["stopped_by"] == "SIGINT" and summary["events_lost"] == 0
-    assert [tuple(r) for r in summary["active_ranges"]] == fresh_active_ranges(guest, tmp_path)
-    assert attached_leftovers(guest) == []
-
-
-def test_trace_with_btf_alone(guest: RootfsGuest, tmp_path: Path) -> None:
-    """Without the vmlinux, the tracer takes its offsets and argument positions from the kernel's BTF and
-    its symbols from /proc/kallsyms (docs/btf.md): the same top caller of a kpageflags walk, once per pfn,
-    and the same seeded pfn_active as a snapshot read with DWARF."""
-    tracer = GuestTracer(guest, dwarf=False)
-    tracer.start("--no-events")
-    walked = int(guest.run("cat /proc/kpageflags | wc -c").text) // 8
-    summary, _ = tracer.stop("TERM")
-    top = summary["callers"][0]
-    assert top["stack"][0].startswith(("kpageflags_read", "kpage_read")), top
-    assert top["count"] == walked
     assert [tuple(r) for r in summary["active_ranges"]] == fresh_active_ranges(guest, tmp_path)
     assert attached_leftovers(guest) == []
 
@@ -224,7 +214,7 @@ def test_pmem_namespace_device_init(guest: RootfsGuest, tmp_path: Path) -> None:
     guest.run("echo 2097152 > /sys/bus/nd/devices/region0/align")
     guest.run("ndctl create-namespace -f -e namespace0.0 --mode=fsdax --map=dev --align=2M")
     summary, events = tracer.stop("INT")
-    guest.run(f"kmeminspect --live --vmlinux {guest_vmlinux(guest)} snapshot -o /tmp/pmem.snap", timeout=600)
+    guest.run("kmeminspect --live snapshot -o /tmp/pmem.snap", timeout=600)
     local = tmp_path / "pmem.snap"
     local.write_bytes(base64.b64decode(guest.run("base64 -w0 /tmp/pmem.snap").stdout))
     snap = snapshot_mod.load(local)
@@ -262,7 +252,7 @@ def test_pmem_namespace_device_init(guest: RootfsGuest, tmp_path: Path) -> None:
 
 def test_trace_refuses_without_root(guest: RootfsGuest) -> None:
     """Not root: one line, exit 2, no traceback."""
-    command = f"kmeminspect --live --vmlinux {guest_vmlinux(guest)} trace"
+    command = "kmeminspect --live trace"
     result = guest.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups {command}", check=False)
     assert result.returncode == 2 and len(result.stderr.decode().strip().splitlines()) == 1, result
     assert "root" in result.stderr.decode()
@@ -286,13 +276,13 @@ def test_memmap_on_memory_online_after_vmemmap(generation: str, tmp_path: Path) 
     """With memmap_on_memory, onlining a hotplugged block first initializes the block's own vmemmap pages
     (move_pfn_range_to_zone over them), then online_pages() covers the rest of the block."""
     kernel = get_kernel(generation)
-    shares = {KMEMINSPECT_SHARE: REPO, VMLINUX_SHARE: kernel.vmlinux.parent}
+    shares = {KMEMINSPECT_SHARE: REPO}
     with rootfs_guest("memmap-on-memory", kernel, smp=2, shares=shares) as guest:
         tracer = GuestTracer(guest)
         tracer.start("--no-callers")
         scenarios.SCENARIOS["memmap-on-memory"].setup(guest)
         summary, events = tracer.stop("INT")
-        guest.run(f"kmeminspect --live --vmlinux {guest_vmlinux(guest)} snapshot -o /tmp/s.snap", timeout=600)
+        guest.run("kmeminspect --live snapshot -o /tmp/s.snap", timeout=600)
         local = tmp_path / "s.snap"
         local.write_bytes(base64.b64decode(guest.run("base64 -w0 /tmp/s.snap").stdout))
     snap = snapshot_mod.load(local)

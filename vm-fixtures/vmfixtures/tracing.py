@@ -1,7 +1,8 @@
 """Driving ``kmeminspect trace`` and bcc's ``stackcount`` inside a rootfs guest, for tests and benchmarks.
 
-The guest must share the checkout and the kernel's vmlinux (``RootfsGuest(shares={"kmeminspect": ...,
-"vmlinux": kernel.vmlinux.parent})``). Not a capture input: changing this file recaptures nothing.
+The guest shares the checkout (``RootfsGuest(shares={"kmeminspect": ...})``) and nothing else: no DWARF
+vmlinux is anywhere in it, so kmeminspect reads and traces with the guest kernel's own BTF and kallsyms
+(docs/btf.md). Not a capture input: changing this file recaptures nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from .rootfs import RootfsGuest
 
-VMLINUX_SHARE = "vmlinux"
 TRACE_OUT = "/tmp/trace.jsonl"
 #: our BPF programs as ``bpftool prog show`` names them (cut at 15 characters)
 OUR_PROGRAMS = re.compile(r"\bname (kmi_\w*|kretfunc__\w*|tracepoint__raw\w*)")
@@ -28,23 +28,17 @@ WALK = (
 )
 
 
-def guest_vmlinux(guest: RootfsGuest) -> str:
-    return f"/mnt/{VMLINUX_SHARE}/{guest.kernel.vmlinux.name}"
-
-
 class GuestTracer:
     """``kmeminspect trace -o TRACE_OUT ARGS`` running in the background in ``guest``."""
 
-    def __init__(self, guest: RootfsGuest, dwarf: bool = True) -> None:
+    def __init__(self, guest: RootfsGuest) -> None:
         self.guest = guest
         self.pid = 0
-        #: with the shared vmlinux (DWARF), or with nothing but the guest kernel's own BTF and kallsyms
-        self.types = f"--vmlinux {guest_vmlinux(guest)}" if dwarf else ""
 
     def start(self, *args: str, timeout: float = 300.0) -> None:
         """Start the tracer and wait until its probes are attached (it says "tracing" on stderr)."""
         quoted = " ".join(map(shlex.quote, args))
-        command = f"kmeminspect --live {self.types} trace -o {TRACE_OUT} {quoted}"
+        command = f"kmeminspect --live trace -o {TRACE_OUT} {quoted}"
         self.guest.run(f"rm -f {TRACE_OUT}; ({command} > /tmp/trace.out 2> /tmp/trace.err & echo $! > /tmp/trace.pid)")
         self.pid = int(self.guest.run("cat /tmp/trace.pid").text)
         deadline = time.monotonic() + timeout
@@ -69,7 +63,7 @@ class GuestTracer:
 def trace_command(guest: RootfsGuest, args: list[str], command: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``kmeminspect trace -o TRACE_OUT ARGS -- sh -c COMMAND``: traced until the command ends."""
     quoted = " ".join(map(shlex.quote, [*args, "--", "sh", "-c", command]))
-    trace = f"kmeminspect --live --vmlinux {guest_vmlinux(guest)} trace -o {TRACE_OUT} {quoted}"
+    trace = f"kmeminspect --live trace -o {TRACE_OUT} {quoted}"
     result = guest.run(f"{trace} > /tmp/trace.out 2> /tmp/trace.err", timeout=900, check=False)
     records = [json.loads(line) for line in guest.run(f"cat {TRACE_OUT}").text.splitlines()]
     summaries = [r for r in records if r["type"] == "summary"]
