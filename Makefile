@@ -3,7 +3,7 @@ PYTHON ?= python3
 export KMEMINSPECT_CACHE ?= /var/cache/kmeminspect
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test test-oldest-drgn test-slow check lint format docs fixtures bench bench-large bench-trace stress fuzz clean-cache
+.PHONY: setup demo test test-oldest-drgn test-slow check lint format docs fixtures bench bench-btf bench-large bench-trace stress fuzz clean-cache
 
 setup:           ## install apt and pip prerequisites (idempotent)
 	bash .ci/setup
@@ -23,7 +23,7 @@ check: lint      ## the fast tests only (no VM), in seconds
 lint:
 	$(PYTHON) -m ruff format --check kmeminspect vm-fixtures tests benchmarks
 	$(PYTHON) -m ruff check kmeminspect vm-fixtures tests benchmarks
-	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/trace.py benchmarks/large_layout.py benchmarks/markdown.py tests/synthetic.py
+	$(PYTHON) -m mypy kmeminspect vm-fixtures/vmfixtures benchmarks/run.py benchmarks/btf_mode.py benchmarks/trace.py benchmarks/large_layout.py benchmarks/markdown.py tests/synthetic.py
 
 format:
 	$(PYTHON) -m ruff format kmeminspect vm-fixtures tests
@@ -35,9 +35,13 @@ docs:            ## the documentation site in site/ (MkDocs; warnings, broken li
 fixtures:        ## fetch every kernel and capture every scenario (what the VM tests use)
 	PYTHONPATH=vm-fixtures $(PYTHON) -m vmfixtures capture
 
-bench:           ## kmeminspect against crash and makedumpfile on 2, 8 and 32 GiB dumps, --qemu, --live, then bench-large (docs/benchmarks.md)
+bench:           ## kmeminspect against crash and makedumpfile on 2, 8 and 32 GiB dumps, --qemu, --live, then bench-btf and bench-large (docs/benchmarks.md)
 	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/run.py
+	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/btf_mode.py
 	$(PYTHON) benchmarks/large_layout.py
+
+bench-btf:       ## BTF mode against DWARF mode and crash kmem -n on the same 2, 8 and 32 GiB dumps: audit wall time, start-up, peak RSS
+	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/btf_mode.py
 
 bench-large:     ## the model, audit and map on synthetic snapshots of 256 GiB to 16 TiB machines (no reading)
 	$(PYTHON) benchmarks/large_layout.py

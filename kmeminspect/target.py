@@ -6,6 +6,7 @@ Every failure becomes a :class:`TargetError` whose message says what is wrong an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import platform
 import socket
@@ -151,10 +152,15 @@ def _load_types(prog: drgn.Program, vmlinux: Path | None, btf: Path | None, what
         prog.cache[_MODE_KEY] = "dwarf"
         return
     if btf is None:
+        drgn_log = logging.getLogger("drgn")
+        level = drgn_log.level
+        drgn_log.setLevel(logging.ERROR)  # drgn's "missing debugging symbols" is expected: BTF follows
         try:
             prog.load_default_debug_info()
         except drgn.MissingDebugInfoError:
             pass
+        finally:
+            drgn_log.setLevel(level)
         if not _main_module(prog, what).wants_debug_file():
             prog.cache[_MODE_KEY] = "dwarf"
             return

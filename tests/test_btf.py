@@ -250,3 +250,26 @@ def test_bad_btf_is_one_line(generation: str, captured: Callable[[str, str], tru
         assert result.returncode == 2, (words, result.stderr)
         assert result.stderr.count("\n") == 1 and words in result.stderr, (words, result.stderr)
         assert "--vmlinux" in result.stderr or "--btf" in result.stderr, result.stderr
+
+
+def hand_made_btf(types: list[bytes], strings: bytes) -> bytes:
+    """A BTF blob: the header, ``types`` (each a type record with its extra words), ``strings``."""
+    body = b"".join(types)
+    header = (0xEB9F).to_bytes(2, "little") + bytes([1, 0]) + (24).to_bytes(4, "little")
+    header += b"".join(n.to_bytes(4, "little") for n in (0, len(body), len(body), len(strings)))
+    return header + body + strings
+
+
+def int_type(name_offset: int) -> bytes:
+    words = (name_offset, 1 << 24, 4, 32)  # INT, 4 bytes, 32 bits, unsigned
+    return b"".join(w.to_bytes(4, "little") for w in words)
+
+
+def test_a_repeated_string_names_every_type_that_uses_either_copy() -> None:
+    """pahole writes each string once; a BTF that repeats one still finds every type by its name."""
+    strings = b"\0x\0x\0y\0"
+    blob = hand_made_btf([int_type(1), int_type(3), int_type(5)], strings)
+    btf = b.Btf(blob)
+    assert btf.ids_named("x") == [1, 2]
+    assert btf.ids_named("y") == [3]
+    assert btf.ids_named("z") == []

@@ -78,40 +78,49 @@ class Btf:
         types_start, strings_start = hdr_len + type_off, hdr_len + str_off
         if types_start + type_len > len(data) or strings_start + str_len > len(data):
             raise BtfError(f"BTF cut short ({len(data)} bytes, its header describes more)")
+        if types_start % 4:
+            raise BtfError(f"the type section starts at byte {types_start}, not on a 4-byte boundary")
         self.size = max(types_start + type_len, strings_start + str_len)
         self._data = data
         self._strings = data[strings_start : strings_start + str_len]
         self._offsets = self._scan(data, types_start, types_start + type_len)
-        words = np.frombuffer(data, dtype="<u4", count=(types_start + type_len) // 4)
-        self._name_offsets = words[self._offsets // 4]
-        self._kinds = (words[self._offsets // 4 + 1] >> 24) & 0x1F
+        self._words = np.frombuffer(data, dtype="<u4", count=(types_start + type_len) // 4)
+        self._name_offsets = self._words[self._offsets // 4]
+        self._kinds = (self._words[self._offsets // 4 + 1] >> 24) & 0x1F
+        self._name_offsets[0] = self._kinds[0] = 0  # void
         self._cache: dict[int, BtfType] = {}
-        self._enumerators: dict[str, tuple[int, int]] | None = None
+        self._enumerators: tuple[np.ndarray, np.ndarray] | None = None
+        self._offsets_of: dict[bytes, int] | None = None
+        self._repeats: dict[bytes, list[int]] = {}
 
     def __len__(self) -> int:
         """The number of types, void (id 0) included."""
         return len(self._offsets)
 
     @staticmethod
-    def _scan(data: bytes, pos: int, end: int) -> np.ndarray:
-        """Where each type starts (index = type id; id 0, void, at -4 so that it never matches)."""
-        record = [_VLEN_RECORD.get(kind, 0) for kind in range(32)]
-        fixed = [12 + _FIXED_EXTRA.get(kind, 0) for kind in range(32)]
+    def _scan(data: bytes, start: int, end: int) -> np.ndarray:
+        """Where each type starts, in bytes (index = type id; id 0, void, has no record: 0)."""
+        if (end - start) % 4:
+            raise BtfError("the type section is not made of 4-byte words")
+        words = memoryview(data)[start:end].cast("I")
+        # in words: the 3 of struct btf_type, the kind's fixed extra, and its records per vlen
+        fixed = [3 + _FIXED_EXTRA.get(kind, 0) // 4 for kind in range(32)]
+        record = [_VLEN_RECORD.get(kind, 0) // 4 for kind in range(32)]
         known = set(range(INT, ENUM64 + 1))
-        offsets = [-4]
-        unpack = struct.Struct("<I").unpack_from
-        while pos < end:
+        offsets = [0]
+        pos, count = 0, len(words)
+        while pos < count:
             offsets.append(pos)
-            (info,) = unpack(data, pos + 4)
+            info = words[pos + 1]
             kind = (info >> 24) & 0x1F
             if kind not in known:
                 raise BtfError(f"BTF kind {kind} unknown to this parser (a newer kernel?)")
             pos += fixed[kind] + record[kind] * (info & 0xFFFF)
-        if pos != end:
+        if pos != count:
             raise BtfError("the type section ends inside a type")
-        if pos % 4:
-            raise BtfError("the type section is not made of 4-byte words")
-        return np.array(offsets, dtype=np.int64)
+        result = np.array(offsets, dtype=np.int64) * 4 + start
+        result[0] = 0
+        return result
 
     def string(self, offset: int) -> str | None:
         """The NUL-terminated string at ``offset`` of the string section, None for offset 0 (anonymous)."""
@@ -178,26 +187,52 @@ class Btf:
             return BtfType(kind, name, size=size_or_type)
         return BtfType(kind, name, type_id=size_or_type, kind_flag=kind_flag)
 
+    def _string_offsets(self, name: str) -> list[int]:
+        """Where ``name`` starts in the string section (pahole writes each string once; a hand-made BTF may
+        repeat one)."""
+        if self._offsets_of is None:
+            texts = self._strings.split(b"\0")
+            ends = np.flatnonzero(np.frombuffer(self._strings, dtype=np.uint8) == 0)
+            starts = np.concatenate(([0], ends + 1))[: len(texts)].tolist()
+            self._offsets_of = dict(zip(reversed(texts), reversed(starts), strict=True))  # the first of each
+            if len(texts) - len(self._offsets_of) > max(texts.count(b"") - 1, 0):  # more than "" repeats
+                for text, start in zip(texts, starts, strict=True):
+                    if text and start != self._offsets_of[text]:
+                        self._repeats.setdefault(text, []).append(start)
+        first = self._offsets_of.get(name.encode())
+        return [] if first is None else [first, *self._repeats.get(name.encode(), [])]
+
     def ids_named(self, name: str) -> list[int]:
         """The ids of every type called ``name`` (a struct, union or enum tag, a typedef, a base type, a
         function, a variable), in id order."""
-        wanted = b"\0" + name.encode() + b"\0"
         ids: list[int] = []
-        at = self._strings.find(wanted)
-        while at >= 0:  # pahole writes each string once; a hand-made BTF may repeat one
-            ids.extend(np.flatnonzero(self._name_offsets == at + 1).tolist())
-            at = self._strings.find(wanted, at + 1)
+        for offset in self._string_offsets(name):
+            if offset:
+                ids.extend(np.flatnonzero(self._name_offsets == offset).tolist())
         return sorted(ids)
 
     def enumerator(self, name: str) -> tuple[int, int] | None:
-        """``(enum type id, value)`` of the enumerator called ``name``, or None."""
+        """``(enum type id, value)`` of the first enumerator called ``name``, or None."""
         if self._enumerators is None:
-            index: dict[str, tuple[int, int]] = {}
-            for type_id in np.flatnonzero((self._kinds == ENUM) | (self._kinds == ENUM64)).tolist():
-                for enumerator, value in self.type(type_id).enumerators:
-                    index.setdefault(enumerator, (type_id, value))
-            self._enumerators = index
-        return self._enumerators.get(name)
+            self._enumerators = self._enumerator_names()
+        names, owners = self._enumerators
+        found = [int(i) for offset in self._string_offsets(name) if offset for i in np.flatnonzero(names == offset)[:1]]
+        if not found:
+            return None
+        owner = int(owners[min(found)])
+        return owner, dict(self.type(owner).enumerators)[name]
+
+    def _enumerator_names(self) -> tuple[np.ndarray, np.ndarray]:
+        """The name offset of every enumerator of every ENUM and ENUM64, and the id of its type (found
+        without decoding a type: enumerator records follow their type's 12 bytes, 8 or 12 bytes each)."""
+        ids = np.flatnonzero((self._kinds == ENUM) | (self._kinds == ENUM64))
+        first_word = self._offsets[ids] // 4
+        counts = (self._words[first_word + 1] & 0xFFFF).astype(np.int64)
+        stride = np.where(self._kinds[ids] == ENUM, 2, 3)
+        total = int(counts.sum())
+        index_in_type = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        name_words = np.repeat(first_word + 3, counts) + index_in_type * np.repeat(stride, counts)
+        return self._words[name_words], np.repeat(ids, counts)
 
 
 def btf_from_elf(f: BinaryIO) -> bytes | None:
