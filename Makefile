@@ -49,7 +49,7 @@ bench-large:     ## the model, audit and map on synthetic snapshots of 256 GiB t
 bench-trace:     ## the cost of kmeminspect trace against bcc stackcount, in rootfs guests (docs/benchmarks.md)
 	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/trace.py
 
-test-slow:       ## what make test leaves out: long stress runs, every tracing test on 7.x (docs/testing.md)
+test-slow:       ## what make test leaves out: long stress runs, every live-guest test on every generation (docs/testing.md)
 	$(PYTEST) -n 2 --dist loadgroup -m slow tests
 
 fuzz:            ## the hostile-input tests, random and long (make test runs them derandomized, briefly)

@@ -77,27 +77,35 @@ def captured() -> Callable[[str, str], truth.Capture]:
     return get
 
 
-#: tracing tests `make test` runs on every generation; the others run there on 6.1 and 6.12 only (the
-#: CI matrix: tracing on two generations, the version-sensitive part on all), all of them under
-#: `make test-slow`. The overhead benchmark runs on 6.1 only.
-TRACE_ON_EVERY_GENERATION = {
-    "test_dimm_online_events_follow_blocks",
-    "test_kpageflags_is_the_top_caller",
-    "test_stalled_walker_is_a_race",
-    "test_trace_refuses_without_root",
+#: live-guest tests that `make test` (CI) runs on fewer generations than `make test-slow`, which runs every
+#: test on every generation: test -> the parameter ids CI keeps. What depends on the kernel version most
+#: (the hotplug lifecycle probes, a plain stress run, every reader on every scenario, BTF against DWARF)
+#: runs in CI on all three; the rest on one generation each, spread so each generation carries some.
+#: The overhead benchmark is `make bench-trace`'s, and left to `make test-slow`.
+CI_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "test_trace.py::test_kpageflags_is_the_top_caller": ("6.12",),
+    "test_trace.py::test_stalled_walker_is_a_race": ("7.x",),
+    "test_trace.py::test_trace_refuses_without_root": ("6.1",),
+    "test_trace.py::test_walkers_during_offline_online_no_races": ("6.12",),
+    "test_trace.py::test_memmap_on_memory_online_after_vmemmap": ("6.1",),
+    "test_trace.py::test_pmem_namespace_device_init": ("6.12",),
+    "test_trace.py::test_injected_late_activation_is_reported": ("6.1",),
+    "test_trace.py::test_trace_overhead_benchmark": (),
+    "test_stress.py::test_run_traced": ("7.x",),
+    "test_stress.py::test_short_run": ("6.1", "7.x"),
+    "test_stress.py::test_stop_signal": ("6.1-SIGINT", "7.x-SIGTERM"),
+    "test_stress.py::test_sigkill_then_restore": ("6.12",),
+    "test_live.py::test_live_device_memmap_on_device": ("6.12",),
+    "test_live.py::test_doctor_in_guest": ("6.1", "7.x"),
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark slow what CI leaves to `make test-slow` (see TRACE_ON_EVERY_GENERATION)."""
+    """Mark slow what CI leaves to `make test-slow` (see CI_PARAMETERS)."""
     for item in items:
-        if not item.nodeid.startswith("tests/test_trace.py::"):
-            continue
-        name = getattr(item, "originalname", item.name)
-        latest = "[7.x]" in item.nodeid
-        if (latest and name not in TRACE_ON_EVERY_GENERATION) or (
-            name == "test_trace_overhead_benchmark" and "[6.1]" not in item.nodeid
-        ):
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        callspec = getattr(item, "callspec", None)
+        if name in CI_PARAMETERS and callspec is not None and callspec.id not in CI_PARAMETERS[name]:
             item.add_marker(pytest.mark.slow)
 
 

@@ -8,16 +8,20 @@ command line takes BTF from a dump, from a file, and refuses another build's.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import drgn
 import pytest
 from conftest import GENERATIONS, SCENARIOS, get_kernel
+from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
 from test_audit import Injector
 from vmfixtures import truth
 
@@ -25,7 +29,8 @@ from kmeminspect import audit
 from kmeminspect import snapshot as snapshot_mod
 from kmeminspect.kernel import btf as b
 from kmeminspect.kernel import read_snapshot
-from kmeminspect.kernel.btf_types import btf_in_memory
+from kmeminspect.kernel.btf_types import DECLARATIONS, btf_in_memory, parse_vmcoreinfo
+from kmeminspect.kernel.kallsyms import Kallsyms
 from kmeminspect.kernel.probepoints import argument_positions, bpf_constants
 from kmeminspect.target import open_vmcore, types_mode
 from kmeminspect.trace.plan import PROBED_PARAMETERS
@@ -273,3 +278,32 @@ def test_a_repeated_string_names_every_type_that_uses_either_copy() -> None:
     assert btf.ids_named("x") == [1, 2]
     assert btf.ids_named("y") == [3]
     assert btf.ids_named("z") == []
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_kallsyms_one_name_at_a_time_equals_drgns(
+    generation: str, captured: Callable[[str, str], truth.Capture]
+) -> None:
+    """kmeminspect's kallsyms (one name decoded at a time, the address encoding checked against
+    VMCOREINFO) answers as drgn's loader, which decodes them all: by name for every global the readers
+    declare, every probed function and 3,000 other symbols; by address inside 2,000 symbols."""
+    prog = drgn.Program()
+    prog.set_core_dump(str(captured(generation, "mixed").elf))
+    ours = Kallsyms(prog, parse_vmcoreinfo(prog["VMCOREINFO"].string_()))
+    theirs = load_vmlinux_kallsyms(prog)
+    every = theirs(prog, None, None, False)
+    assert ours.count == len(every)
+    rng = random.Random(13)
+    names = [*DECLARATIONS, *PROBED_PARAMETERS, "__start_BTF", "__stop_BTF", "pfn_to_online_page"]
+    names += [s.name for s in rng.sample(every, 3000)]
+
+    def seen(symbols: Sequence[drgn.Symbol]) -> list[tuple[int, drgn.SymbolKind, drgn.SymbolBinding]]:
+        return sorted((s.address, s.kind, s.binding) for s in symbols)
+
+    assert [n for n in names if seen(ours(prog, n, None, False)) != seen(theirs(prog, n, None, False))] == []
+    starts = collections.Counter(s.address for s in every)
+    inside = [s for s in rng.sample(every, 2000) if s.size > 1 and starts[s.address] == 1]
+    for symbol in inside:
+        address = symbol.address + symbol.size // 2
+        assert [s.name for s in ours(prog, None, address, True)] == [symbol.name], symbol

@@ -9,7 +9,8 @@ Registered through drgn's own finder API, so every reader and drgn helper runs u
   drgn's helpers use get the type the kernel declares them with (:data:`DECLARATIONS`), at their kallsyms
   address, each array's length from VMCOREINFO or BTF.
 
-Symbols come from the kallsyms tables VMCOREINFO points to (``drgn.helpers.linux.kallsyms``, v6.0+).
+Symbols come from ``/proc/kallsyms`` for the running kernel, else from the kallsyms tables VMCOREINFO points
+to (v6.0+), looked up one name at a time (:mod:`.kallsyms`).
 Before any use, :func:`check_against_vmcoreinfo` compares every ``SIZE()`` and ``OFFSET()`` the kernel wrote
 into VMCOREINFO with the BTF: BTF of another build is refused.
 """
@@ -17,14 +18,25 @@ into VMCOREINFO with the BTF: BTF of another build is refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import drgn
-from drgn import FindObjectFlags, Object, Program, Qualifiers, Type, TypeKind, TypeMember, TypeParameter
+from drgn import (
+    FindObjectFlags,
+    Object,
+    Program,
+    ProgramFlags,
+    Qualifiers,
+    Type,
+    TypeKind,
+    TypeMember,
+    TypeParameter,
+)
 from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
 
 from ..errors import TargetError
 from . import btf as b
+from .kallsyms import Kallsyms, KallsymsError
 
 #: drgn's kind of a looked-up type -> the BTF kinds that can answer it
 _BTF_KINDS = {
@@ -282,10 +294,20 @@ def _sizeof_named(prog: Program, name: str) -> int:
 
 
 def load_kallsyms(prog: Program) -> None:
-    """Find symbols in the kernel's own kallsyms: ``/proc/kallsyms`` for the running kernel, else the tables
-    VMCOREINFO points to (v6.0+, f09bddbd8661)."""
+    """Find symbols in the kernel's own kallsyms: ``/proc/kallsyms`` for the running kernel (drgn's loader),
+    else the tables VMCOREINFO points to (v6.0+, f09bddbd8661), one name at a time (:mod:`.kallsyms`; drgn's
+    loader, which decodes every name, when the tables are laid out in a way it does not know)."""
     try:
-        prog.register_symbol_finder("kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+        if prog.flags & ProgramFlags.IS_LOCAL:
+            finder: Callable[[Program, str | None, int | None, bool], Sequence[drgn.Symbol]] = load_vmlinux_kallsyms(
+                prog
+            )
+        else:
+            try:
+                finder = Kallsyms(prog, parse_vmcoreinfo(prog["VMCOREINFO"].string_()))
+            except KallsymsError:
+                finder = load_vmlinux_kallsyms(prog)
+        prog.register_symbol_finder("kallsyms", finder, enable_index=0)
     except (LookupError, ValueError, OSError, drgn.FaultError) as error:
         raise TargetError(f"cannot read the kernel's kallsyms ({error}): give its vmlinux with --vmlinux") from None
 
