@@ -7,7 +7,9 @@ this runs, alternating, several times each:
 - ``kmeminspect --vmcore ELF --vmlinux V audit`` (DWARF mode),
 - ``crash -s V ELF`` running ``kmem -n``,
 
-and measures each mode's start-up in process (opening the dump with its types, then the layout, the first
+then the same two audits (no crash: bookworm's cannot open them) on the test bed's ``mixed`` capture of the
+newer generations (1 GiB guests; 7.x has over twice 6.1's kallsyms symbols), and measures each mode's
+start-up in process (opening the dump with its types, then the layout, the first
 reader: what every command pays before its work) and each audit's peak RSS. It prints Markdown tables for
 docs/benchmarks.md and issue 13's targets (BTF audit wall time at most 1.2x DWARF's, peak RSS at most half)
 with pass or fail.
@@ -27,7 +29,7 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from markdown import markdown_header, markdown_row  # noqa: E402
 from run import GENERATION, build_dumps, peak_rss, timed, verdict  # noqa: E402  (sets up sys.path, PYTHONPATH)
-from vmfixtures import download  # noqa: E402
+from vmfixtures import download, truth  # noqa: E402
 from vmfixtures.cache import log  # noqa: E402
 
 
@@ -81,6 +83,28 @@ def main() -> int:
                 "dwarf_rss_mb": peak_rss(dwarf_audit) / 1024,
             }
         )
+    for generation in ("6.12", "7.x"):
+        newer = download.fetch_kernel(generation, apt, update=False)
+        elf = truth.capture(newer, "mixed").elf
+        log(f"bench-btf: {newer.release} mixed")
+        btf_audit = [*kmem, str(elf), "audit"]
+        dwarf_audit = [*kmem, str(elf), "--vmlinux", str(newer.vmlinux), "audit"]
+        btf, dwarf = [], []
+        for _ in range(args.repeat):
+            btf.append(timed(btf_audit))
+            dwarf.append(timed(dwarf_audit))
+        rows.append(
+            {
+                "size": f"1 GiB, {newer.release}",
+                "btf_s": statistics.median(btf),
+                "dwarf_s": statistics.median(dwarf),
+                "crash_s": None,
+                "btf_start_s": startup_seconds(elf, None, args.repeat)[0],
+                "dwarf_start_s": startup_seconds(elf, newer.vmlinux, args.repeat)[0],
+                "btf_rss_mb": peak_rss(btf_audit) / 1024,
+                "dwarf_rss_mb": peak_rss(dwarf_audit) / 1024,
+            }
+        )
     print(
         f"\nmachine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"kernel {kernel.release}, drgn {__import__('drgn').__version__}; audits: medians of {args.repeat}, "
@@ -105,7 +129,7 @@ def main() -> int:
             f"{r['btf_s']:.2f}",
             f"{r['dwarf_s']:.2f}",
             f"{r['btf_s'] / r['dwarf_s']:.2f}",
-            f"{r['crash_s']:.2f}",
+            "—" if r["crash_s"] is None else f"{r['crash_s']:.2f}",
             f"{r['btf_start_s']:.2f}",
             f"{r['dwarf_start_s']:.2f}",
             f"{r['btf_rss_mb']:.0f}",

@@ -106,12 +106,12 @@ def _types_checks(release: str, vmlinux: Path | None, btf: Path | None) -> list[
     from .target import live_types
 
     try:
-        mode, where = live_types(vmlinux, btf)
+        mode, where, finders = live_types(vmlinux, btf)
     except TargetError as error:
         rows.append(("types", False, str(error), "--live", install))
         return rows
     if vmlinux is None:
-        found = where if mode == "dwarf" else f"drgn finds none for {release}"
+        found = where if mode == "dwarf" else f"drgn finds none for {release} (its finders: {', '.join(finders)})"
         rows.append(("debug info", mode == "dwarf", found, needed, install))
     later = "--vmcore, --qemu: DWARF with --vmlinux or when drgn finds that build's, else the kernel's own BTF"
     rows.append(("types", True, f"--live: {mode.upper()} ({where}); {later}", "every command reading a kernel", ""))

@@ -177,8 +177,16 @@ def _load_btf(prog: drgn.Program, btf_file: Path | None, what: str) -> None:
     if btf_file is not None:
         try:
             with open(btf_file, "rb") as f:
-                elf = f.read(4) == b"\x7fELF"
-                data = btf_from_elf(f) if elf else (f.seek(0), f.read())[1]
+                magic = f.read(4)
+                if magic == b"\x7fELF":
+                    data = btf_from_elf(f)
+                elif magic[:2] == b"\x9f\xeb":  # BTF_MAGIC 0xeB9F, little-endian
+                    data = magic + f.read()
+                else:
+                    raise TargetError(
+                        f"--btf {btf_file}: neither BTF nor an ELF file: give a copy of the kernel's "
+                        "/sys/kernel/btf/vmlinux, or its vmlinux"
+                    )
         except OSError as error:
             raise TargetError(
                 f"--btf {btf_file}: {error.strerror or error}: give a file with the kernel's BTF (a copy of its "
@@ -225,6 +233,8 @@ def attach_kernel_btf(prog: drgn.Program) -> None:
         raise TargetError(
             "no debug info for the kernel, and its kallsyms/btf finders are taken: start drgn with -s VMLINUX"
         ) from None
+    except TargetError as error:
+        raise TargetError(f"{error} (in drgn: start it with -s VMLINUX)") from None
     prog.cache[_MODE_KEY] = "btf"
 
 
@@ -232,14 +242,16 @@ def attach_kernel_btf(prog: drgn.Program) -> None:
 LIVE_BTF = "/sys/kernel/btf/vmlinux"
 
 
-def live_types(vmlinux: Path | None, btf: Path | None) -> tuple[str, str]:
+def live_types(vmlinux: Path | None, btf: Path | None) -> tuple[str, str, list[str]]:
     """How ``--live`` finds the running kernel's types, found by opening it as every command does:
-    ``("dwarf", the debug file drgn loaded)`` or ``("btf", where the BTF comes from)``; TargetError when
+    ``("dwarf", the debug file drgn loaded, ...)`` or ``("btf", where the BTF comes from, ...)``, and the
+    debug info finders drgn tried (``standard``, and ``debuginfod`` where drgn has it); TargetError when
     neither works (``doctor``)."""
     prog = open_live(vmlinux, btf)
+    finders = list(prog.enabled_debug_info_finders())
     if types_mode(prog) == "dwarf":
-        return "dwarf", str(prog.main_module().debug_file_path)
-    return "btf", f"{btf or LIVE_BTF}, symbols from /proc/kallsyms"
+        return "dwarf", str(prog.main_module().debug_file_path), finders
+    return "btf", f"{btf or LIVE_BTF}, symbols from /proc/kallsyms", finders
 
 
 def _release(prog: drgn.Program) -> str:

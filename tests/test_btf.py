@@ -230,9 +230,10 @@ def test_truncated_or_foreign_btf_is_refused() -> None:
 @pytest.mark.vm
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_bad_btf_is_one_line(generation: str, captured: Callable[[str, str], truth.Capture], tmp_path: Path) -> None:
-    """Bad BTF ends in one line and exit 2, saying what is wrong and what to do: a file cut short, a file
-    that is not there, an ELF file without .BTF, a dump lacking the pages of its BTF (as a filter or a
-    truncated copy leaves it), and a dump whose BTF is not BTF."""
+    """Bad BTF ends in one line and exit 2, saying what is wrong and what to do: the BTF of something else
+    (no struct page), a file that is neither BTF nor ELF, a file cut short, a file that is not there, an
+    ELF file without .BTF, a dump lacking the pages of its BTF (as a filter or a truncated copy leaves
+    it), and a dump whose BTF is not BTF."""
     capture = captured(generation, "mixed")
     truncated = tmp_path / "truncated.btf"
     truncated.write_bytes(vmlinux_btf(generation)[:100_000])
@@ -243,7 +244,13 @@ def test_bad_btf_is_one_line(generation: str, captured: Callable[[str, str], tru
     lacking.drop_from_dump(start, 4096)
     garbled = Injector(capture.elf, tmp_path / "garbled.elf", prog)
     garbled.write_u32(start, 0)
+    unrelated = tmp_path / "unrelated.btf"  # a BTF of something else (a module's, a BPF object's): no struct page
+    unrelated.write_bytes(hand_made_btf([int_type(1)], b"\0x\0"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not BTF\n")
     cases = {
+        "it has no SIZE(page)": (str(capture.kdump), "--btf", str(unrelated)),
+        "neither BTF nor an ELF file": (str(capture.kdump), "--btf", str(text)),
         "cut short": (str(capture.kdump), "--btf", str(truncated)),
         "No such file": (str(capture.kdump), "--btf", str(tmp_path / "absent.btf")),
         "without a .BTF section": (str(capture.kdump), "--btf", str(no_btf_elf)),
@@ -307,3 +314,22 @@ def test_kallsyms_one_name_at_a_time_equals_drgns(
     for symbol in inside:
         address = symbol.address + symbol.size // 2
         assert [s.name for s in ours(prog, None, address, True)] == [symbol.name], symbol
+
+
+def test_malformed_btf_is_btf_error() -> None:
+    """A type section that ends inside a type header, and a name that is not UTF-8, are BtfError (one line
+    at the command line), not an IndexError or UnicodeDecodeError."""
+    with pytest.raises(b.BtfError, match="ends inside a type"):
+        b.Btf(hand_made_btf([(1).to_bytes(4, "little")], b"\0x\0"))
+    with pytest.raises(b.BtfError, match="not UTF-8"):
+        b.Btf(hand_made_btf([int_type(1)], b"\0\xff\xfe\0")).type(1)
+
+
+def test_enum_values_before_6_0_are_signed() -> None:
+    """Before v6.0 an ENUM's values were signed and kind_flag unused: a BTF without ENUM64 and without a
+    flagged ENUM reads -1 as -1; once a flagged ENUM or an ENUM64 exists, an unflagged ENUM is unsigned."""
+    words = (1, (b.ENUM << 24) | 1, 4, 3, 0xFFFFFFFF)  # ENUM "E", one value "V" = 0xffffffff
+    old_enum = b"".join(w.to_bytes(4, "little") for w in words)
+    assert b.Btf(hand_made_btf([old_enum], b"\0E\0V\0")).type(1).enumerators == (("V", -1),)
+    flagged = b"".join(w.to_bytes(4, "little") for w in (1, (1 << 31) | (b.ENUM << 24) | 1, 4, 3, 1))
+    assert b.Btf(hand_made_btf([old_enum, flagged], b"\0E\0V\0")).type(1).enumerators == (("V", 0xFFFFFFFF),)

@@ -14,6 +14,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from ..errors import KmemError
+
 MAGIC = 0xEB9F
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
@@ -27,8 +29,9 @@ _VLEN_RECORD = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM
 _FIXED_EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
 
 
-class BtfError(ValueError):
-    """The bytes are not BTF this parser understands (truncated, another byte order, a newer kind)."""
+class BtfError(KmemError):
+    """The bytes are not BTF this parser understands (truncated, another byte order, a newer kind, a type
+    id out of range): one line, as every bad input."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,10 @@ class Btf:
         self._name_offsets = self._words[self._offsets // 4]
         self._kinds = (self._words[self._offsets // 4 + 1] >> 24) & 0x1F
         self._name_offsets[0] = self._kinds[0] = 0  # void
+        # before v6.0 (6089fb325cf7) an ENUM's values were signed and kind_flag unused; since, kind_flag
+        # says signed, and ENUM64 exists: a BTF with neither is read the old way
+        flagged = (self._words[self._offsets // 4 + 1] >> 31).astype(bool)
+        self._signed_enums = not ((self._kinds == ENUM64).any() or (flagged & (self._kinds == ENUM)).any())
         self._cache: dict[int, BtfType] = {}
         self._enumerators: tuple[np.ndarray, np.ndarray] | None = None
         self._offsets_of: dict[bytes, int] | None = None
@@ -111,6 +118,8 @@ class Btf:
         pos, count = 0, len(words)
         while pos < count:
             offsets.append(pos)
+            if pos + 2 >= count:
+                raise BtfError("the type section ends inside a type")
             info = words[pos + 1]
             kind = (info >> 24) & 0x1F
             if kind not in known:
@@ -129,7 +138,10 @@ class Btf:
         end = self._strings.find(b"\0", offset)
         if offset >= len(self._strings) or end < 0:
             raise BtfError(f"string offset {offset} outside the string section")
-        return self._strings[offset:end].decode()
+        try:
+            return self._strings[offset:end].decode()
+        except UnicodeDecodeError:
+            raise BtfError(f"the string at offset {offset} is not UTF-8") from None
 
     def kind(self, type_id: int) -> int:
         """The kind of type ``type_id`` (0 for void)."""
@@ -162,7 +174,7 @@ class Btf:
                     members.append(Member(string(m_name), m_type, m_offset, None))
             return BtfType(kind, name, size=size_or_type, kind_flag=kind_flag, members=tuple(members))
         if kind == ENUM:
-            layout = "<Ii" if kind_flag else "<II"
+            layout = "<Ii" if kind_flag or self._signed_enums else "<II"
             values = tuple((string(n) or "", v) for n, v in (unpack(layout, data, pos + 8 * i) for i in range(vlen)))
             return BtfType(kind, name, size=size_or_type, kind_flag=kind_flag, enumerators=values)
         if kind == ENUM64:
@@ -242,6 +254,8 @@ def btf_from_elf(f: BinaryIO) -> bytes | None:
     head = f.read(64)
     if not head.startswith(b"\x7fELF") or len(head) < 64 or head[4] != 2:
         return None
+    if head[5] != 1:  # EI_DATA: ELFDATA2LSB
+        raise BtfError("a big-endian ELF file (kmeminspect reads x86_64 kernels)")
     e_shoff = struct.unpack_from("<Q", head, 40)[0]
     e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", head, 58)
     if e_shentsize < 64 or e_shstrndx >= e_shnum:

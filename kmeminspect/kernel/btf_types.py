@@ -11,8 +11,9 @@ Registered through drgn's own finder API, so every reader and drgn helper runs u
 
 Symbols come from ``/proc/kallsyms`` for the running kernel, else from the kallsyms tables VMCOREINFO points
 to (v6.0+), looked up one name at a time (:mod:`.kallsyms`).
-Before any use, :func:`check_against_vmcoreinfo` compares every ``SIZE()`` and ``OFFSET()`` the kernel wrote
-into VMCOREINFO with the BTF: BTF of another build is refused.
+Before the readers run, :func:`check_against_vmcoreinfo` compares every ``SIZE()`` and ``OFFSET()`` the
+kernel wrote into VMCOREINFO with the BTF: BTF of another build, or one without ``struct page``, is refused
+and its finders disabled again.
 """
 
 from __future__ import annotations
@@ -150,11 +151,16 @@ class BtfTypes:
         return lambda: self.type(type_id)
 
     def _member(self, member: b.Member) -> TypeMember:
-        if member.bit_size is None:
+        bit_size = member.bit_size
+        if bit_size is None and self.btf.kind(member.type_id) == b.INT:  # a struct without kind_flag: the
+            target = self.btf.type(member.type_id)  # bit field's width is its INT's (btf.h)
+            if target.int_bits and target.int_bits != 8 * target.size:
+                bit_size = target.int_bits
+        if bit_size is None:
             return TypeMember(self._lazy(member.type_id), member.name, member.bit_offset)
 
         def bit_field() -> Object:
-            return Object(self.prog, self.type(member.type_id), bit_field_size=member.bit_size)
+            return Object(self.prog, self.type(member.type_id), bit_field_size=bit_size)
 
         return TypeMember(bit_field, member.name, member.bit_offset)
 
@@ -224,16 +230,15 @@ class BtfObjects:
 
     def _mem_section_type(self) -> Type:
         """``struct mem_section **`` with SPARSEMEM_EXTREME (x86_64 always), else a static
-        ``[NR_SECTION_ROOTS][SECTIONS_PER_ROOT]`` array: VMCOREINFO's SYMBOL(mem_section) is the pointer's
+        ``[NR_SECTION_ROOTS][1]`` array: VMCOREINFO's SYMBOL(mem_section) is the pointer's
         value with EXTREME, the array's own address without."""
         prog = self.types.prog
         section = prog.type("struct mem_section")
         symbol = int(self.vmcoreinfo.get("SYMBOL(mem_section)", "0"), 16)
         address = _address(prog, "mem_section")
-        if symbol and symbol == address:
+        if symbol and symbol == address:  # without EXTREME, SECTIONS_PER_ROOT is 1 (include/linux/mmzone.h)
             roots = int(self.vmcoreinfo["LENGTH(mem_section)"])
-            per_root = prog["SECTIONS_PER_ROOT"].value_()
-            return prog.array_type(prog.array_type(section, per_root), roots)
+            return prog.array_type(prog.array_type(section, 1), roots)
         return prog.pointer_type(prog.pointer_type(section))
 
 
@@ -274,10 +279,32 @@ def check_against_vmcoreinfo(prog: Program, vmcoreinfo: dict[str, str]) -> int:
         if have != int(value):
             raise TargetError(
                 f"the BTF does not describe this kernel: {key} is {value} in its VMCOREINFO, {have} in the BTF "
-                "(BTF of another build?): give the kernel's own BTF or its vmlinux"
+                "(BTF of another build?): give the kernel's own BTF (--btf) or its vmlinux (--vmlinux)"
             )
         agreed += 1
+    for core in CORE_FACTS:
+        if core in vmcoreinfo and not _agrees(prog, core, vmcoreinfo[core]):
+            raise TargetError(
+                f"the BTF does not describe this kernel: it has no {core} (a module's or a BPF object's BTF?): "
+                "give the kernel's own BTF (--btf) or its vmlinux (--vmlinux)"
+            )
     return agreed
+
+
+#: VMCOREINFO facts every kernel's BTF must have and agree with (struct page and the section table)
+CORE_FACTS = ("SIZE(page)", "OFFSET(page.flags)", "SIZE(mem_section)", "OFFSET(mem_section.section_mem_map)")
+
+
+def _agrees(prog: Program, key: str, value: str) -> bool:
+    size = re.fullmatch(r"SIZE\((\w+)\)", key)
+    offset = re.fullmatch(r"OFFSET\((\w+)\.(\w+)\)", key)
+    try:
+        if size:
+            return _sizeof_named(prog, size.group(1)) == int(value)
+        assert offset is not None
+        return int(drgn.offsetof(_named(prog, offset.group(1)), offset.group(2))) == int(value)
+    except (LookupError, ValueError, TypeError):
+        return False
 
 
 def _named(prog: Program, name: str) -> Type:
@@ -296,20 +323,29 @@ def _sizeof_named(prog: Program, name: str) -> int:
 def load_kallsyms(prog: Program) -> None:
     """Find symbols in the kernel's own kallsyms: ``/proc/kallsyms`` for the running kernel (drgn's loader),
     else the tables VMCOREINFO points to (v6.0+, f09bddbd8661), one name at a time (:mod:`.kallsyms`; drgn's
-    loader, which decodes every name, when the tables are laid out in a way it does not know)."""
-    try:
-        if prog.flags & ProgramFlags.IS_LOCAL:
-            finder: Callable[[Program, str | None, int | None, bool], Sequence[drgn.Symbol]] = load_vmlinux_kallsyms(
-                prog
-            )
-        else:
-            try:
-                finder = Kallsyms(prog, parse_vmcoreinfo(prog["VMCOREINFO"].string_()))
-            except KallsymsError:
-                finder = load_vmlinux_kallsyms(prog)
-        prog.register_symbol_finder("kallsyms", finder, enable_index=0)
-    except (LookupError, ValueError, OSError, drgn.FaultError) as error:
-        raise TargetError(f"cannot read the kernel's kallsyms ({error}): give its vmlinux with --vmlinux") from None
+    loader, which decodes every name, when the tables are laid out in a way it does not know). Kept when
+    the Program already has a ``kallsyms`` finder (a drgn session's earlier attempt). TargetError when the
+    kallsyms have no data symbols (CONFIG_KALLSYMS_ALL=n): the readers' variables would read as absent."""
+    if "kallsyms" not in prog.registered_symbol_finders():
+        try:
+            if prog.flags & ProgramFlags.IS_LOCAL:
+                finder: Callable[[Program, str | None, int | None, bool], Sequence[drgn.Symbol]] = (
+                    load_vmlinux_kallsyms(prog)
+                )
+            else:
+                try:
+                    finder = Kallsyms(prog, parse_vmcoreinfo(prog["VMCOREINFO"].string_()))
+                except KallsymsError:
+                    finder = load_vmlinux_kallsyms(prog)
+            prog.register_symbol_finder("kallsyms", finder, enable_index=0)
+        except (LookupError, ValueError, OSError, drgn.FaultError) as error:
+            raise TargetError(
+                f"cannot read the kernel's kallsyms ({error}): give the kernel's vmlinux (--vmlinux)"
+            ) from None
+    if _address(prog, "init_mm") is None:
+        raise TargetError(
+            "the kernel's kallsyms have no data symbols (CONFIG_KALLSYMS_ALL=n?): give the kernel's vmlinux (--vmlinux)"
+        )
 
 
 def btf_in_memory(prog: Program) -> bytes:
@@ -325,9 +361,15 @@ def btf_in_memory(prog: Program) -> bytes:
 def use_btf(prog: Program, btf: b.Btf) -> int:
     """Make ``prog`` find its types, constants, functions and globals in ``btf`` (symbols: see
     :func:`load_kallsyms`); return how many VMCOREINFO facts the BTF agreed with (see
-    :func:`check_against_vmcoreinfo`)."""
+    :func:`check_against_vmcoreinfo`). A BTF that disagrees is refused and its finders disabled again, so
+    that a drgn session keeps finding what it found before."""
     vmcoreinfo = parse_vmcoreinfo(prog["VMCOREINFO"].string_())
     types = BtfTypes(prog, btf)
     prog.register_type_finder("btf", types.find_type, enable_index=-1)
     prog.register_object_finder("btf", BtfObjects(types, vmcoreinfo).find_object, enable_index=-1)
-    return check_against_vmcoreinfo(prog, vmcoreinfo)
+    try:
+        return check_against_vmcoreinfo(prog, vmcoreinfo)
+    except (TargetError, b.BtfError):
+        prog.set_enabled_type_finders([n for n in prog.enabled_type_finders() if n != "btf"])
+        prog.set_enabled_object_finders([n for n in prog.enabled_object_finders() if n != "btf"])
+        raise
