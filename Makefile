@@ -49,8 +49,8 @@ bench-large:     ## the model, audit and map on synthetic snapshots of 256 GiB t
 bench-trace:     ## the cost of kmeminspect trace against bcc stackcount, in rootfs guests (docs/benchmarks.md)
 	PYTHONPATH=vm-fixtures $(PYTHON) benchmarks/trace.py
 
-test-slow:       ## what make test leaves out: long stress runs, every live-guest test on every generation (docs/testing.md)
-	$(PYTEST) -n 2 --dist loadgroup -m slow tests
+test-slow:       ## everything: make test's tests and what it leaves out (long stress runs, every live-guest test on every generation; docs/testing.md)
+	$(PYTEST) -n 2 --dist loadgroup tests
 
 fuzz:            ## the hostile-input tests, random and long (make test runs them derandomized, briefly)
 	KMEMINSPECT_FUZZ_EXAMPLES=$${KMEMINSPECT_FUZZ_EXAMPLES:-2000} $(PYTEST) tests/test_hostile_input.py
