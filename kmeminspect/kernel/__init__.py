@@ -12,6 +12,7 @@ from drgn import FaultError, Program, ProgramFlags
 
 from ..errors import ReadError
 from ..state import MEMMAP_NONE, MEMMAP_READ, Claim, Node, Pagemap, Resource, Snapshot, Zone, merge_runs, uniform_run
+from ..target import types_mode
 from .blocks import read_blocks
 from .claims import read_claims, read_online_page_callback
 from .layout import read_layout
@@ -49,7 +50,7 @@ def program_source(prog: Program) -> dict[str, object]:
     kernel (``/proc/kcore``), or else a live kernel without a file: a QEMU guest over QMP; and where its
     types came from (``dwarf`` or ``btf``)."""
     path = prog.core_dump_path
-    types = str(prog.cache.get("kmeminspect.types", "dwarf"))  # target.types_mode()
+    types = types_mode(prog)
     if not prog.flags & ProgramFlags.IS_LIVE:
         return {"kind": "vmcore", "path": path, "types": types}
     return {"kind": "live" if path == "/proc/kcore" else "qemu", "path": path, "types": types}

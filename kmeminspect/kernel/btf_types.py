@@ -261,20 +261,16 @@ def parse_vmcoreinfo(text: bytes) -> dict[str, str]:
 
 def check_against_vmcoreinfo(prog: Program, vmcoreinfo: dict[str, str]) -> int:
     """Compare every ``SIZE(x)`` and ``OFFSET(x.y)`` of VMCOREINFO with the BTF's types; raise TargetError on
-    the first difference (BTF of another build), return how many facts agreed. Names VMCOREINFO gives that
-    the BTF does not have (a typedef's size written under another name) are skipped."""
+    the first difference (BTF of another build), or when the BTF lacks one of :data:`CORE_FACTS` (a module's
+    or a BPF object's BTF); return how many facts agreed. Other names VMCOREINFO gives that the BTF does not
+    have (a typedef's size written under another name) are skipped."""
     agreed = 0
+    missing_core = []
     for key, value in vmcoreinfo.items():
-        size = re.fullmatch(r"SIZE\((\w+)\)", key)
-        offset = re.fullmatch(r"OFFSET\((\w+)\.(\w+)\)", key)
-        try:
-            if size:
-                have = _sizeof_named(prog, size.group(1))
-            elif offset:
-                have = int(drgn.offsetof(_named(prog, offset.group(1)), offset.group(2)))
-            else:
-                continue
-        except (LookupError, ValueError, TypeError):
+        have = _btf_fact(prog, key)
+        if have is None:
+            if key in CORE_FACTS:
+                missing_core.append(key)
             continue
         if have != int(value):
             raise TargetError(
@@ -282,12 +278,12 @@ def check_against_vmcoreinfo(prog: Program, vmcoreinfo: dict[str, str]) -> int:
                 "(BTF of another build?): give the kernel's own BTF (--btf) or its vmlinux (--vmlinux)"
             )
         agreed += 1
-    for core in CORE_FACTS:
-        if core in vmcoreinfo and not _agrees(prog, core, vmcoreinfo[core]):
-            raise TargetError(
-                f"the BTF does not describe this kernel: it has no {core} (a module's or a BPF object's BTF?): "
-                "give the kernel's own BTF (--btf) or its vmlinux (--vmlinux)"
-            )
+    if missing_core:
+        raise TargetError(
+            f"the BTF does not describe this kernel: it has no {min(missing_core, key=CORE_FACTS.index)} (a "
+            "module's or a BPF object's "
+            "BTF?): give the kernel's own BTF (--btf) or its vmlinux (--vmlinux)"
+        )
     return agreed
 
 
@@ -295,16 +291,19 @@ def check_against_vmcoreinfo(prog: Program, vmcoreinfo: dict[str, str]) -> int:
 CORE_FACTS = ("SIZE(page)", "OFFSET(page.flags)", "SIZE(mem_section)", "OFFSET(mem_section.section_mem_map)")
 
 
-def _agrees(prog: Program, key: str, value: str) -> bool:
+def _btf_fact(prog: Program, key: str) -> int | None:
+    """What the BTF says of VMCOREINFO's ``SIZE(x)`` or ``OFFSET(x.y)``; None for another key, or a type or
+    member the BTF does not have."""
     size = re.fullmatch(r"SIZE\((\w+)\)", key)
     offset = re.fullmatch(r"OFFSET\((\w+)\.(\w+)\)", key)
     try:
         if size:
-            return _sizeof_named(prog, size.group(1)) == int(value)
-        assert offset is not None
-        return int(drgn.offsetof(_named(prog, offset.group(1)), offset.group(2))) == int(value)
+            return int(drgn.sizeof(_named(prog, size.group(1))))
+        if offset:
+            return int(drgn.offsetof(_named(prog, offset.group(1)), offset.group(2)))
     except (LookupError, ValueError, TypeError):
-        return False
+        pass
+    return None
 
 
 def _named(prog: Program, name: str) -> Type:
@@ -314,10 +313,6 @@ def _named(prog: Program, name: str) -> Type:
         except LookupError:
             continue
     raise LookupError(name)
-
-
-def _sizeof_named(prog: Program, name: str) -> int:
-    return int(drgn.sizeof(_named(prog, name)))
 
 
 def load_kallsyms(prog: Program) -> None:
